@@ -1,0 +1,65 @@
+"""Config files + key=value overrides: strict keys with a suggestion, types checked, round trip through dicts."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from train.config import ConfigError, config_from_dict, config_to_dict, default_out_dir, load_config
+
+
+@dataclass
+class Inner:
+    channels: int = 64
+    mult: tuple[int, ...] = (1, 2)
+    rate: float = 0.1
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("inner:\n  channels: 32\n  rate: 3e-4\nname: base\n")
+    cfg = load_config(Outer, path, ["inner.mult=[1, 2, 4]", "name=other", "flag=true"])
+    assert cfg == Outer(name="other", flag=True, inner=Inner(channels=32, mult=(1, 2, 4), rate=3e-4))
+    assert isinstance(cfg.inner.rate, float) and isinstance(cfg.inner.mult, tuple)
+
+
+@pytest.mark.parametrize("source", ["file", "override"])
+def test_unknown_key_names_the_closest(tmp_path, source):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner:\n  chanels: 3\n" if source == "file" else "{}\n")
+    overrides = [] if source == "file" else ["inner.chanels=3"]
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.chanels'; did you mean 'inner.channels'\?"):
+        load_config(Outer, path, overrides)
+
+
+@pytest.mark.parametrize("override,message", [("inner.channels=abc", "expects int"), ("flag=3", "expects bool"),
+                                              ("inner=3", "is a section"), ("steps", "key=value")])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inner: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+
+
+def test_dict_round_trip_is_plain():
+    cfg = Outer(inner=Inner(mult=(3, 4)))
+    d = config_to_dict(cfg)
+    assert d["inner"]["mult"] == [3, 4]
+    assert config_from_dict(Outer, d) == cfg
+
+
+def test_default_out_dir():
+    assert default_out_dir("configs/shapes/diffusion_pixel.yaml", "x") == "runs/diffusion_pixel"
+    assert default_out_dir(None, "diffusion") == "runs/diffusion"

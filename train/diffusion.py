@@ -1,0 +1,229 @@
+"""Train a text-conditional diffusion model: a U-Net with cross-attention and its text encoder, jointly.
+
+Papers: Ho et al. 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (Algorithm 1, the
+simple loss Eq. 14); Rombach et al. 2022, arXiv 2112.10752 (text conditioning by cross-attention);
+Ho & Salimans 2022, arXiv 2207.12598 (conditioning dropout for classifier-free guidance, Algorithm 1).
+
+    python -m train.diffusion --config configs/shapes/diffusion_pixel.yaml
+    torchrun --nproc_per_node 2 -m train.diffusion --config ... train.device=cpu   # DDP (gloo on CPUs)
+
+Writes into train.out_dir (default runs/<config name>): ckpt.pt (atomic, every train.ckpt_every steps and at
+the end), config.yaml, tensorboard events (loss, learning rate, gradient norm, sample grids) and
+samples/step_XXXXXXX.png. `train.resume=auto` continues from out_dir/ckpt.pt exactly where it stopped: on
+the CPU the losses after a resume equal those of an uninterrupted run (tests/test_train_diffusion.py).
+The tiny preset ends with a line like `step 3000 | loss 0.0xx | ...` and `saved runs/diffusion_pixel/ckpt.pt`.
+
+Loop (Algorithm 1 with conditioning dropout):
+    x_0, caption ~ data;  t ~ Uniform{0..T-1};  eps ~ N(0, I)
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                (Eq. 4)
+    caption replaced by the null context with probability p_uncond
+    loss = || target - model(x_t, t, caption) ||^2              (Eq. 14; target eps, x_0 or v)
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from models.samplers import SamplerConfig
+from models.schedule import NoiseSchedule, ScheduleConfig
+from models.text2image import ModelConfig, TokenizerConfig, build_model, generate
+from models.text_encoder import TextEncoderConfig
+from models.tokenizer import BPETokenizer
+from models.unet import UNetConfig
+from train.common import (EMA, autocast, cleanup_distributed, get_device, image_grid, load_checkpoint,
+                          load_weights, rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state,
+                          setup_distributed, warmup_cosine)
+from train.config import config_to_dict, default_out_dir, format_config, parse_config
+from train.data import DataConfig, load_data
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = ""             # '' = runs/<config file name>
+    steps: int = 3000             # optimizer steps
+    batch_size: int = 64          # global batch, split evenly across DDP ranks
+    lr: float = 1e-3              # peak AdamW learning rate
+    weight_decay: float = 0.0     # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moments
+    warmup_steps: int = 100       # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
+    grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    ema_decay: float = 0.999      # EMA of the weights, used for sampling
+    cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
+    bf16: bool = False            # bf16 autocast for forward and loss
+    seed: int = 0                 # seeds the model init, the data order and the noise
+    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 50           # steps between a log line / tensorboard scalars
+    sample_every: int = 1000      # steps between sample grids (0 = only at the end)
+    sample_steps: int = 25        # DDIM steps for the training-time grids
+    ckpt_every: int = 1000        # steps between checkpoints (always one at the end)
+    resume: str = "never"         # never: refuse to overwrite out_dir/ckpt.pt | always: continue it | auto: continue if present
+    sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+
+
+@dataclass
+class DiffusionConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # defaults for `python -m sample`
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def batch_indices(step, batch_size, num_items, seed):
+    """Indices of the global batch at `step`: consecutive slices of a fresh permutation each epoch, so the
+    data order is a function of (seed, step) alone and a resumed run sees the same batches."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out += perm[offset: offset + batch_size - len(out)].tolist()
+    return torch.tensor(out)
+
+
+def check_config(cfg):
+    if cfg.unet.image_size != cfg.data.resolution:
+        raise ValueError(f"unet.image_size ({cfg.unet.image_size}) must equal data.resolution "
+                         f"({cfg.data.resolution}) in pixel space; set both")
+    if cfg.train.batch_size < 1 or cfg.train.steps < 1:
+        raise ValueError("train.batch_size and train.steps must be at least 1")
+
+
+def main(argv=None):
+    cfg, config_path = parse_config(DiffusionConfig, argv, description=__doc__.split("\n")[0])
+    check_config(cfg)
+    tc = cfg.train
+    out_dir = Path(tc.out_dir or default_out_dir(config_path, "diffusion"))
+    rank, world = setup_distributed()
+    is_main = rank == 0
+    device = get_device(tc.device)
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the {world} DDP ranks")
+    seed_everything(tc.seed)
+
+    ckpt_path = out_dir / "ckpt.pt"
+    if tc.resume not in ("never", "always", "auto"):
+        raise ValueError(f"train.resume must be never, always or auto, got '{tc.resume}'")
+    resumed = None
+    if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
+        resumed = load_checkpoint(ckpt_path, "diffusion")
+        if resumed["config"] != config_to_dict(cfg) | {"train": resumed["config"]["train"]}:
+            raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config; resume with "
+                             f"the same config or choose another train.out_dir")
+    elif ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} exists; pass train.resume=auto to continue it or choose another "
+                         f"train.out_dir (nothing was overwritten)")
+
+    # ---- data: images in memory, captions tokenized once
+    data = load_data(cfg.data, progress=is_main)
+    if resumed:
+        tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"])
+    else:
+        tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size, progress=is_main)
+    all_ids, all_mask = tokenizer(data.captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
+
+    # ---- model, optimizer, EMA
+    model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule)
+    model = build_model(model_cfg, tokenizer.vocab_size).to(device)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    lr_at = lambda s: tc.lr * warmup_cosine(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    start_step = 0
+    if resumed:
+        load_weights(model, resumed["model"], "diffusion checkpoint weights")
+        ema.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        set_rng_state(resumed["rng"])
+        start_step = resumed["step"]
+    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    schedule = NoiseSchedule(cfg.schedule).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    writer = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        print(f"{len(data)} images, {n_params / 1e6:.2f}M parameters, device {device}, {world} process(es), "
+              f"writing to {out_dir}", flush=True)
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, {
+            "kind": "diffusion", "config": config_to_dict(cfg), "step": step,
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "tokenizer": tokenizer.state_dict(), "rng": rng_state(),
+        })
+
+    def sample_grid(step):
+        sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
+        g = torch.Generator(device).manual_seed(0)
+        prompts = [p for p in tc.sample_prompts for _ in range(2)]
+        images = generate(ema.model, tokenizer, schedule, prompts, sampler, generator=g, progress=False)
+        grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
+        (out_dir / "samples").mkdir(exist_ok=True)
+        grid.save(out_dir / "samples" / f"step_{step:07d}.png")
+        writer.add_image("samples", torch.from_numpy(np.asarray(grid)), step, dataformats="HWC")
+
+    # ---- the loop
+    local_batch = tc.batch_size // world
+    model.train()
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not is_main,
+               desc="diffusion", dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        idx = batch_indices(step, tc.batch_size, len(data), tc.seed)[rank::world]  # (B/world,)
+        x0 = data.batch(idx)[0].to(device)  # (b, 3, H, W) in [-1, 1]
+        ids, mask = all_ids[idx].to(device), all_mask[idx].to(device)  # (b, L)
+        # noise, timesteps and conditioning dropout are drawn from a generator seeded by (seed, step, rank),
+        # so the run is a function of its seed, whatever the resumption points
+        g = torch.Generator(device).manual_seed(tc.seed * 2**40 + step * 2**8 + rank)
+        t = torch.randint(0, cfg.schedule.num_train_timesteps, (local_batch,), generator=g, device=device)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast(device, tc.bf16):
+            x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
+            pred = ddp_model(x_t, t, ids, mask, drop_cond=drop)
+            loss = F.mse_loss(pred.float(), schedule.training_target(x0, noise, t))  # Eq. 14
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
+        optimizer.step()
+        ema.update(model)
+
+        done = step + 1
+        if world > 1:  # the logged loss is the mean over ranks
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        if is_main and (done % tc.log_every == 0 or done == tc.steps):
+            lr = optimizer.param_groups[0]["lr"]
+            writer.add_scalar("train/loss", loss.item(), done)
+            writer.add_scalar("train/lr", lr, done)
+            writer.add_scalar("train/grad_norm", grad_norm.item(), done)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            tqdm.write(f"step {done} | loss {loss.item():.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
+                       f"{time.time() - t0:.0f}s")
+        if is_main and (done % tc.ckpt_every == 0 or done == tc.steps):
+            checkpoint(done)
+        if is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
+            sample_grid(done)
+            model.train()
+    if is_main:
+        writer.close()
+        print(f"saved {ckpt_path} after {tc.steps} steps ({time.time() - t0:.0f}s this run)", flush=True)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)
