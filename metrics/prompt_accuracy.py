@@ -1,0 +1,145 @@
+"""Prompt accuracy: does the picture show what the prompt asked for? (the GenEval idea, on our shapes)
+
+Ghosh et al. 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image Alignment",
+arXiv 2310.11513: generate images for templated prompts, detect the objects, and check each claim of the
+prompt (object, count, colour, position) separately. Their detector is Mask2Former; ours is the shapes
+attribute classifier of models/classifier.py (train it with `python -m train.classifier`), which is at least
+99% right per attribute on fresh renders, so its errors barely move these figures.
+
+    python -m metrics.prompt_accuracy --ckpt runs/diffusion_pixel/ckpt.pt \
+        --classifier runs/shapes_classifier/ckpt.pt --n 4 --sampler ddim --steps 50 --guidance 3
+
+Prompts: train.shapes.eval_prompts for the held-in (colour, shape) pairs ("heldin") and for the held-out pairs
+that never appear in training ("heldout": compositional generalisation). Per image and per claim:
+    count      the number of detected objects equals the prompt's
+    colour     each object of the prompt is paired with a detected object (exact colour+shape match first,
+    shape      then shape, then colour, then any) and the pair agrees on that attribute
+    size       likewise, only for objects whose size the prompt states
+    relation   both objects found exactly and train.shapes.relation_holds on the detected centres
+    overall    every claim of the prompt right (GenEval's per-image score)
+Prints one line per split, writes the figures to --out (JSON) and a grid per split beside it.
+"""
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from models.classifier import load_classifier, predict_attributes
+from models.text2image import generate, load_text2image
+from train.common import get_device, image_grid, load_checkpoint, run_cli
+from train.shapes import eval_prompts, relation_holds
+
+ATTRIBUTES = ("count", "colour", "shape", "size", "relation", "overall")
+
+
+def pair_objects(expected, detected):
+    """Pair each expected object with a distinct detected one: exact (colour, shape) first, then shape,
+    then colour, then any. Returns a list aligned with `expected` (None where nothing was left)."""
+    left = list(range(len(detected)))
+    pairs = [None] * len(expected)
+    rules = (lambda e, d: e["colour"] == d["colour"] and e["shape"] == d["shape"],
+             lambda e, d: e["shape"] == d["shape"], lambda e, d: e["colour"] == d["colour"], lambda e, d: True)
+    for rule in rules:
+        for i, e in enumerate(expected):
+            if pairs[i] is None:
+                match = next((j for j in left if rule(e, detected[j])), None)
+                if match is not None:
+                    pairs[i] = detected[match]
+                    left.remove(match)
+    return pairs
+
+
+def judge(expected, detected):
+    """One image: {claim: True/False} for each claim the prompt makes (claims it does not make are absent)."""
+    pairs = pair_objects(expected["objects"], detected["objects"])
+    result = {"count": detected["count"] == expected["count"]}
+    exact = []
+    for e, d in zip(expected["objects"], pairs):
+        for key in ("colour", "shape") + (("size",) if e["size"] is not None else ()):
+            result.setdefault(key, []).append(d is not None and d[key] == e[key])
+        exact.append(d is not None and all(d[k] == e[k] for k in ("colour", "shape"))
+                     and (e["size"] is None or d["size"] == e["size"]))
+    for key in ("colour", "shape", "size"):
+        if key in result:
+            result[key] = all(result[key])
+    if expected["relation"] is not None:
+        result["relation"] = exact[0] and exact[1] and relation_holds(pairs[0], pairs[1], expected["relation"])
+    result["overall"] = all(exact) and all(result.values())
+    return result
+
+
+def summarise(judgements):
+    """Mean of each claim over the images that make it."""
+    out = {}
+    for key in ATTRIBUTES:
+        values = [j[key] for j in judgements if key in j]
+        if values:
+            out[key] = sum(values) / len(values)
+    out["images"] = len(judgements)
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Per-attribute prompt accuracy of a text-to-image checkpoint.")
+    p.add_argument("--ckpt", required=True, help="diffusion checkpoint")
+    p.add_argument("--classifier", default="runs/shapes_classifier/ckpt.pt", help="shapes classifier checkpoint")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--max-objects", type=int, help="prompt kinds to include (default: the training data's)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON file for the figures (default: prompt_accuracy.json beside --ckpt)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    device = get_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, "diffusion")
+    if not ckpt["config"]["data"]["dataset"] == "shapes":
+        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; prompt accuracy needs "
+                         f"a model trained on the built-in shapes")
+    model, tokenizer, schedule, _, sampler_cfg = load_text2image(ckpt, device)
+    classifier, _ = load_classifier(args.classifier, device)
+    sampler_cfg = replace(sampler_cfg, sampler=args.sampler, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance)
+    max_objects = args.max_objects or ckpt["config"]["data"]["max_objects"]
+    out = Path(args.out) if args.out else Path(args.ckpt).parent / "prompt_accuracy.json"
+
+    g = torch.Generator(device).manual_seed(args.seed)
+    report = {"ckpt": str(args.ckpt), "sampler": sampler_cfg.sampler, "steps": sampler_cfg.num_inference_steps,
+              "guidance": sampler_cfg.guidance_scale, "n_per_prompt": args.n}
+    print(f"prompt accuracy ({sampler_cfg.sampler} {sampler_cfg.num_inference_steps} steps, guidance "
+          f"{sampler_cfg.guidance_scale}, {args.n} images per prompt)")
+    for split, name in (("train", "heldin"), ("heldout", "heldout")):
+        prompts = eval_prompts(split, max_objects)
+        expected = [attrs for _, attrs in prompts for _ in range(args.n)]
+        captions = [caption for caption, _ in prompts for _ in range(args.n)]
+        images, judgements = [], []
+        for i in range(0, len(captions), args.batch_size):
+            batch = generate(model, tokenizer, schedule, captions[i: i + args.batch_size], sampler_cfg,
+                             generator=g, progress=False)
+            detected = predict_attributes(classifier, batch)
+            judgements += [judge(e, d) for e, d in zip(expected[i: i + args.batch_size], detected)]
+            images.append(batch.cpu())
+            print(f"  {name}: {min(i + args.batch_size, len(captions))}/{len(captions)} images", flush=True)
+        report[name] = summarise(judgements)
+        grid_path = out.with_name(out.stem + f"_{name}.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(torch.cat(images), nrow=args.n * 8 if args.n <= 2 else args.n * 2).save(grid_path)
+        report[name]["grid"] = str(grid_path)
+        figures = " | ".join(f"{k} {v:.3f}" for k, v in report[name].items() if k in ATTRIBUTES)
+        print(f"{name:8s} {figures} | {len(judgements)} images ({len(prompts)} prompts) | grid {grid_path}")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
