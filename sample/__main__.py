@@ -71,7 +71,7 @@ def main(argv=None):
                  "guidance_scale": args.guidance, "timestep_spacing": args.spacing}
     sampler_cfg = replace(sampler_cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.dynamic_threshold:
-        sampler_cfg = replace(sampler_cfg, thresholding=True)
+        sampler_cfg = replace(sampler_cfg, thresholding=True, clip_sample=False)
     # fail on every bad prompt before any compute
     tokenizer(prompts, max_length=model.text_encoder.cfg.max_length, truncate=args.truncate)
 

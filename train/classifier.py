@@ -52,6 +52,7 @@ class ClassifierTrainConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
     bf16: bool = False                # bf16 autocast for forward and loss
     log_every: int = 100              # steps between log lines
+    overwrite: bool = False           # replace an existing out_dir/ckpt.pt (otherwise that is an error)
 
 
 def render_tensors(num_images, cfg: ClassifierConfig, seed, progress=True):
@@ -115,6 +116,9 @@ def main(argv=None):
     device = get_device(cfg.device)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    if (out_dir / "ckpt.pt").exists() and not cfg.overwrite:
+        raise ValueError(f"{out_dir / 'ckpt.pt'} exists; pass overwrite=true to replace it or choose another "
+                         f"out_dir (nothing was overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
 

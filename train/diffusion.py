@@ -64,6 +64,7 @@ class TrainConfig:
     sample_every: int = 1000      # steps between sample grids (0 = only at the end)
     sample_steps: int = 25        # DDIM steps for the training-time grids
     ckpt_every: int = 1000        # steps between checkpoints (always one at the end)
+    stop_after: int = 0           # end this invocation after this many steps (0 = run to train.steps); resume later
     resume: str = "never"         # never: refuse to overwrite out_dir/ckpt.pt | always: continue it | auto: continue if present
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
 
@@ -75,7 +76,9 @@ class DiffusionConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # defaults for `python -m sample`
+    # defaults for `python -m sample`; in pixel space x0_hat is clipped to [-1, 1] as in DDPM's code and
+    # diffusers' default (an undertrained model's x0_hat at high noise is far outside the data range)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -177,7 +180,8 @@ def main(argv=None):
     # ---- the loop
     local_batch = tc.batch_size // world
     model.train()
-    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not is_main,
+    end_step = min(tc.steps, start_step + tc.stop_after) if tc.stop_after else tc.steps
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.steps, disable=not is_main,
                desc="diffusion", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
@@ -214,14 +218,22 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             tqdm.write(f"step {done} | loss {loss.item():.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
                        f"{time.time() - t0:.0f}s")
-        if is_main and (done % tc.ckpt_every == 0 or done == tc.steps):
+        if is_main and (done % tc.ckpt_every == 0 or done in (tc.steps, end_step)):
             checkpoint(done)
         if is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             sample_grid(done)
             model.train()
+    if world > 1:  # DDP keeps the replicas identical; check it rather than trust it
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
+        if is_main:
+            print(f"DDP: the {world} replicas hold identical weights", flush=True)
     if is_main:
         writer.close()
-        print(f"saved {ckpt_path} after {tc.steps} steps ({time.time() - t0:.0f}s this run)", flush=True)
+        print(f"saved {ckpt_path} at step {end_step} of {tc.steps} ({time.time() - t0:.0f}s this run)", flush=True)
     cleanup_distributed()
 
 

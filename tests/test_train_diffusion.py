@@ -1,0 +1,144 @@
+"""Smoke runs of the diffusion training script and the sampling script on tiny data, exact resumption,
+two-process DDP on gloo, and the bad-input contract (one line, exit code 2, nothing overwritten)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample.__main__ as sample_cli
+from train import diffusion
+from train.common import load_checkpoint, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.num_images=48", "data.resolution=16", "unet.image_size=16", "unet.channels=16",
+        "unet.channel_mult=[1, 2]", "unet.num_res_blocks=1", "unet.attention_resolutions=[8]",
+        "unet.norm_groups=8", "unet.context_dim=32", "text.width=32", "text.layers=1", "text.max_length=16",
+        "tokenizer.vocab_size=300", "train.batch_size=8", "train.log_every=1", "train.sample_every=0",
+        "train.sample_steps=2", "train.device=cpu", "train.sample_prompts=[a red circle, a blue square]"]
+
+
+def train(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    diffusion.main(TINY + [f"train.out_dir={out}", *extra])
+    return out
+
+
+def losses(text):
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+) \| loss ([0-9.]+)", text)}
+
+
+def cli_error(main, argv, capsys):
+    """Run a command line the way `python -m` does; return its one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the sampling tests."""
+    return train(tmp_path_factory.mktemp("trained"), "train.steps=3")
+
+
+def test_training_writes_everything(trained):
+    ckpt = load_checkpoint(trained / "ckpt.pt", "diffusion")
+    assert ckpt["step"] == 3 and ckpt["config"]["unet"]["channels"] == 16
+    assert set(ckpt) >= {"model", "ema", "optimizer", "tokenizer", "rng", "config"}
+    assert (trained / "config.yaml").read_text().startswith("data:")
+    assert list((trained / "tensorboard").iterdir())
+    assert (trained / "samples" / "step_0000003.png").is_file()
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    whole = train(tmp_path, "train.steps=6", name="whole")
+    whole_log = losses(capsys.readouterr().out)
+    part = train(tmp_path, "train.steps=6", "train.stop_after=3", name="part")
+    first_log = losses(capsys.readouterr().out)
+    assert load_checkpoint(part / "ckpt.pt", "diffusion")["step"] == 3
+    train(tmp_path, "train.steps=6", "train.resume=always", name="part")
+    resumed_log = losses(capsys.readouterr().out)
+    assert sorted(first_log) == [1, 2, 3] and sorted(resumed_log) == [4, 5, 6]
+    assert {**first_log, **resumed_log} == whole_log
+    a, b = (load_checkpoint(d / "ckpt.pt", "diffusion") for d in (whole, part))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["weights"]:
+        assert torch.equal(a["ema"]["weights"][key], b["ema"]["weights"][key]), key
+
+
+def test_sampling_is_reproducible_and_writes_an_imagefolder(trained, tmp_path):
+    common = ["--ckpt", str(trained / "ckpt.pt"), "--prompt", "a red circle", "--prompt", "a blue square",
+              "--n", "2", "--steps", "3", "--guidance", "2", "--device", "cpu"]
+    sample_cli.main(common + ["--seed", "1", "--out", str(tmp_path / "a.png")])
+    sample_cli.main(common + ["--seed", "1", "--out", str(tmp_path / "b.png")])
+    sample_cli.main(common + ["--seed", "2", "--out", str(tmp_path / "c.png")])
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    singles = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert singles == ["0000.png", "0001.png", "0002.png", "0003.png", "metadata.jsonl"]
+    lines = (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()
+    assert '"text": "a blue square"' in lines[2]
+    assert np.asarray(Image.open(tmp_path / "a" / "0000.png")).shape == (16, 16, 3)
+
+
+def test_ddpm_and_ddim_both_run(trained, tmp_path):
+    for sampler in ("ddpm", "ddim"):
+        sample_cli.main(["--ckpt", str(trained / "ckpt.pt"), "--prompt", "a red circle", "--n", "1",
+                         "--sampler", sampler, "--steps", "2", "--device", "cpu",
+                         "--out", str(tmp_path / f"{sampler}.png")])
+        assert (tmp_path / f"{sampler}.png").is_file()
+
+
+def test_bad_training_input(tmp_path, capsys, trained):
+    err = cli_error(diffusion.main, TINY + ["unet.chanels=8"], capsys)
+    assert "unknown config key 'unet.chanels'; did you mean 'unet.channels'?" in err
+    err = cli_error(diffusion.main, TINY + ["unet.image_size=32"], capsys)
+    assert "unet.image_size (32) must equal data.resolution (16)" in err
+    before = (trained / "ckpt.pt").read_bytes()
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={trained}", "train.steps=3"], capsys)
+    assert "exists; pass train.resume=auto" in err
+    assert (trained / "ckpt.pt").read_bytes() == before
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={trained}", "train.resume=always", "unet.channels=24",
+                                            "unet.norm_groups=8"], capsys)
+    assert "another model/data config" in err
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={tmp_path / 'none'}", "train.resume=always"], capsys)
+    assert "checkpoint not found" in err
+
+
+def test_bad_sampling_input(tmp_path, capsys, trained):
+    ckpt = str(trained / "ckpt.pt")
+    base = ["--ckpt", ckpt, "--n", "1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    assert "empty prompt" in cli_error(sample_cli.main, base + ["--prompt", "  "], capsys)
+    long_prompt = " ".join(["a red circle"] * 20)
+    err = cli_error(sample_cli.main, base + ["--prompt", long_prompt], capsys)
+    assert "limit" in err and "truncate" in err
+    err = cli_error(sample_cli.main, ["--ckpt", str(tmp_path / "missing.pt"), "--prompt", "a red circle"], capsys)
+    assert "checkpoint not found" in err
+    torch.save({"kind": "shapes_classifier"}, tmp_path / "clf.pt")
+    err = cli_error(sample_cli.main, ["--ckpt", str(tmp_path / "clf.pt"), "--prompt", "a red circle"], capsys)
+    assert "'shapes_classifier' checkpoint but a 'diffusion'" in err
+    (tmp_path / "x.png").write_bytes(b"keep me")
+    err = cli_error(sample_cli.main, base + ["--prompt", "a red circle"], capsys)
+    assert "already exists" in err and (tmp_path / "x.png").read_bytes() == b"keep me"
+    sample_cli.main(base + ["--prompt", long_prompt, "--truncate", "--overwrite"])  # explicit truncation works
+    assert (tmp_path / "x.png").read_bytes() != b"keep me"
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    """torchrun with 2 CPU processes: training runs and the replicas end with identical weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "train.diffusion", *TINY, "train.steps=3", f"train.out_dir={tmp_path / 'ddp'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "DDP: the 2 replicas hold identical weights" in result.stdout
+    assert load_checkpoint(tmp_path / "ddp" / "ckpt.pt", "diffusion")["step"] == 3
