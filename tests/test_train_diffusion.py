@@ -136,9 +136,9 @@ def test_bad_sampling_input(tmp_path, capsys, trained):
 def test_ddp_two_processes_on_gloo(tmp_path):
     """torchrun with 2 CPU processes: training runs and the replicas end with identical weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "train.diffusion", *TINY, "train.steps=3", f"train.out_dir={tmp_path / 'ddp'}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DDP: the 2 replicas hold identical weights" in result.stdout
     assert load_checkpoint(tmp_path / "ddp" / "ckpt.pt", "diffusion")["step"] == 3

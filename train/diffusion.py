@@ -175,7 +175,7 @@ def main(argv=None):
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
         (out_dir / "samples").mkdir(exist_ok=True)
         grid.save(out_dir / "samples" / f"step_{step:07d}.png")
-        writer.add_image("samples", torch.from_numpy(np.asarray(grid)), step, dataformats="HWC")
+        writer.add_image("samples", torch.from_numpy(np.array(grid)), step, dataformats="HWC")
 
     # ---- the loop
     local_batch = tc.batch_size // world
