@@ -181,6 +181,28 @@ class NoiseSchedule:
             return self.velocity(x0, noise, t)
         check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
 
+    def min_snr_weight(self, t, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+        Strategy", arXiv 2303.09556), per sample (B,), for the MSE on this schedule's training target.
+
+        Their Eq. 9 weights the x0-space loss ||x0 - x0_hat||^2 by min(SNR_t, gamma): high-SNR (nearly clean)
+        steps stop dominating the gradient. The same weight expressed on the target we regress:
+            sample (x0):   ||x0 - x0_hat||^2                        -> w = min(SNR, gamma)
+            epsilon:       ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / SNR = min(1, gamma / SNR)
+            v:             ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / (SNR + 1)
+        (epsilon's weight is written min(1, gamma / SNR) so that SNR = 0, zero terminal SNR, gives 1, its limit.)
+        """
+        if gamma <= 0:
+            raise ValueError(f"the Min-SNR gamma must be > 0 (the paper uses 5), got {gamma}")
+        snr = self.snr(t).float()  # (B,)
+        if self.cfg.prediction_type == "epsilon":
+            return torch.clamp(gamma / snr, max=1.0)  # gamma / 0 = inf -> 1
+        elif self.cfg.prediction_type == "sample":
+            return torch.clamp(snr, max=gamma)
+        elif self.cfg.prediction_type == "v_prediction":
+            return torch.clamp(snr, max=gamma) / (snr + 1)
+        check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
+
     def predict_x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t):
         """Turn the model's output at (x_t, t) into (x0_hat, eps_hat), both of x_t's shape.
 

@@ -173,6 +173,45 @@ def test_training_target_round_trips_through_predict_x0_and_eps(prediction_type,
     torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_min_snr_weight_turns_the_target_loss_into_min_snr_gamma_times_the_x0_loss(prediction_type):
+    # Hang et al. 2023 Eq. 9: loss = min(SNR_t, gamma) ||x0 - x0_hat||^2. For any model output, the weight times
+    # the MSE on the regressed target must equal that, whatever the target (eps, x0 or v).
+    s = make("cosine", prediction_type=prediction_type, float64=True)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, out = (torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 30, 200, 600, 990])  # SNR from ~1e5 down to ~1e-3: both sides of gamma
+    gamma = 5.0
+    x_t = s.q_sample(x0, t, eps)
+    x0_hat, _ = s.predict_x0_and_eps(out, x_t, t)
+    weighted = s.min_snr_weight(t, gamma).double() * (out - s.training_target(x0, eps, t)).pow(2).mean((1, 2, 3))
+    expected = torch.clamp(s.snr(t), max=gamma) * (x0_hat - x0).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=0)
+    snr = s.snr(t)
+    assert (snr > gamma).any() and (snr < gamma).any()
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_min_snr_weight_equals_diffusers_training_script_and_is_finite_at_zero_snr(prediction_type):
+    # diffusers' examples/text_to_image/train_text_to_image.py: min(snr, gamma), / snr for epsilon, / (snr + 1) for v
+    from diffusers.training_utils import compute_snr
+    s = make("linear", zero_snr=True, prediction_type=prediction_type)
+    ref = diffusers.DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+    t = torch.tensor([0, 100, 500, 998, 999])
+    snr = compute_snr(ref, t)
+    expected = torch.clamp(snr, max=5.0)
+    if prediction_type == "epsilon":
+        expected = expected / snr
+        expected[-1] = 1.0  # SNR = 0: diffusers' 0/0 is nan; the limit of min(SNR, gamma) / SNR is 1
+    elif prediction_type == "v_prediction":
+        expected = expected / (snr + 1)
+    w = s.min_snr_weight(t, 5.0)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, expected.float(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        s.min_snr_weight(t, 0.0)
+
+
 def test_velocity_identities_and_diffusers_get_velocity():
     s = make("linear")
     ref = diffusers.DDPMScheduler()
