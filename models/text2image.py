@@ -1,9 +1,19 @@
 """The three parts joined: tokenizer -> text encoder -> U-Net denoiser, and sampling from them.
 
-Stable Diffusion, DALL-E and Imagen share this pattern (see ../README.md). Here the text encoder is the small
-transformer of models/text_encoder.py trained jointly with the U-Net, as latent diffusion's text model was
-(Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3). The U-Net only ever sees (tokens, mask, pooled), so a
-frozen, separately trained encoder can take the text encoder's place.
+Stable Diffusion, DALL-E and Imagen share this pattern (see ../README.md). The text encoder is chosen by
+`text_encoder` (ModelConfig):
+    joint        the small transformer of models/text_encoder.py, trained jointly with the U-Net, as latent
+                 diffusion's text model was (Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3)
+    clip:<ckpt>  the text tower of a CLIP trained by train/clip.py, frozen (Stable Diffusion conditions on CLIP's
+                 per-token outputs after the final LayerNorm; Rombach et al. Sec. 4.3.2 / SD v1)
+    lm:<ckpt>    the encoder of the masked language model of train/text_lm.py, frozen (Imagen's frozen T5,
+                 Saharia et al. 2022, arXiv 2205.11487, Sec. 2.1)
+The U-Net only ever sees (tokens, mask, pooled), so any of them can take the text encoder's place. A frozen
+encoder brings its own tokenizer and sizes (text.* is taken from its checkpoint; unet.context_dim must equal its
+width) and its weights are stored inside the diffusion checkpoint, so that checkpoint alone rebuilds the model.
+Its outputs for the training captions are computed once and cached (FrozenTextEncoder.cache_outputs), one entry
+per distinct caption: the single-object shapes train split has 4,200 possible captions (56 pairs x 3 size
+mentions x 5 prefixes x 5 background mentions), a dataset of N captions at most N.
 
 Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598): the conditional and unconditional
 predictions are computed in one batch of 2B, the unconditional half with `drop_cond=True` (the U-Net's
@@ -14,11 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models.clip import CLIP, CLIPConfig
 from models.samplers import SamplerConfig, guidance, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNet, UNetConfig
+from train.common import load_weights
 
 
 @dataclass
@@ -33,20 +45,71 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # text.width = unet.context_dim
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text_encoder: str = "joint"  # joint | clip:<ckpt> | lm:<ckpt> (frozen; see the module docstring)
+
+
+class FrozenTextEncoder(nn.Module):
+    """A separately trained text encoder, frozen: CLIP's text tower (kind "clip") or the masked LM's encoder
+    ("lm"), built from its TextEncoderConfig. Always in eval mode, no gradients. After cache_outputs(ids, mask),
+    a batch whose every row of ids was cached is looked up instead of computed."""
+
+    def __init__(self, kind, text_cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = text_cfg
+        if kind == "clip":
+            self.encoder = CLIP(CLIPConfig(text=text_cfg), text_only=True)
+        elif kind == "lm":
+            self.encoder = TextEncoder(text_cfg)
+        else:
+            raise ValueError(f"unknown frozen text encoder kind {kind!r}; use clip or lm")
+        self.requires_grad_(False)
+        self.cache_index = {}  # bytes of a row of ids -> row of cache_tokens / cache_pooled
+        self.cache_tokens = self.cache_pooled = None  # (U, L, D), (U, D) on the CPU; not in the state_dict
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: no dropout, whatever the surrounding model does
+
+    @torch.no_grad()
+    def cache_outputs(self, ids, mask, batch_size=256):
+        """Compute the outputs of every distinct row of ids (N, L) once."""
+        unique_ids, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        unique_mask = torch.zeros_like(unique_ids, dtype=torch.bool)
+        unique_mask[inverse] = mask  # (U, L): rows with equal ids have equal masks
+        device = next(self.parameters()).device
+        tokens, pooled = [], []
+        for i in range(0, len(unique_ids), batch_size):
+            t, p = self.encoder(unique_ids[i: i + batch_size].to(device), unique_mask[i: i + batch_size].to(device))
+            tokens.append(t.cpu())
+            pooled.append(p.cpu())
+        self.cache_tokens, self.cache_pooled = torch.cat(tokens), torch.cat(pooled)  # (U, L, D), (U, D)
+        self.cache_index = {row.tobytes(): u for u, row in enumerate(unique_ids.numpy())}
+        return len(unique_ids)
+
+    def forward(self, ids, mask):
+        rows = [self.cache_index.get(row.tobytes()) for row in ids.cpu().numpy()] if self.cache_index else [None]
+        if None in rows:
+            with torch.no_grad():
+                return self.encoder(ids, mask)  # (B, L, D), (B, D)
+        rows = torch.tensor(rows)
+        return self.cache_tokens[rows].to(ids.device), self.cache_pooled[rows].to(ids.device)
 
 
 class TextConditionedUNet(nn.Module):
     """Text encoder + U-Net as one module (so DDP and the optimizer see one set of parameters)."""
 
-    def __init__(self, text_cfg: TextEncoderConfig, unet_cfg: UNetConfig):
+    def __init__(self, text_cfg: TextEncoderConfig, unet_cfg: UNetConfig, text_encoder="joint"):
         super().__init__()
+        width = "text.width" if text_encoder == "joint" else f"the width of the frozen encoder {text_encoder}"
         if unet_cfg.context_dim != text_cfg.width:
-            raise ValueError(f"unet.context_dim ({unet_cfg.context_dim}) must equal text.width "
-                             f"({text_cfg.width}); set both to the same value")
+            raise ValueError(f"unet.context_dim ({unet_cfg.context_dim}) must equal {width} ({text_cfg.width}); "
+                             f"set unet.context_dim={text_cfg.width}")
         if unet_cfg.pooled_dim not in (0, text_cfg.width):
-            raise ValueError(f"unet.pooled_dim ({unet_cfg.pooled_dim}) must be 0 (off) or text.width "
+            raise ValueError(f"unet.pooled_dim ({unet_cfg.pooled_dim}) must be 0 (off) or {width} "
                              f"({text_cfg.width})")
-        self.text_encoder = TextEncoder(text_cfg)
+        if text_encoder == "joint":
+            self.text_encoder = TextEncoder(text_cfg)
+        else:
+            self.text_encoder = FrozenTextEncoder(text_encoder.partition(":")[0], text_cfg)
         self.unet = UNet(unet_cfg)
 
     def encode_text(self, ids, mask):
@@ -62,7 +125,54 @@ class TextConditionedUNet(nn.Module):
         return self.denoise(x_t, t, self.encode_text(ids, mask), drop_cond)
 
 
-def build_model(model_cfg: ModelConfig, vocab_size: int) -> TextConditionedUNet:
+def load_frozen_text_encoder(spec):
+    """'clip:<ckpt>' or 'lm:<ckpt>' -> dict(kind, text (TextEncoderConfig), weights (of the encoder alone),
+    tokenizer). Bad specs and checkpoints raise ValueError / FileNotFoundError with one line."""
+    from train.common import load_checkpoint
+    from train.config import config_from_dict
+
+    kind, _, path = spec.partition(":")
+    if kind not in ("clip", "lm") or not path:
+        raise ValueError(f"text_encoder must be joint, clip:<ckpt> or lm:<ckpt>, got {spec!r}")
+    ckpt = load_checkpoint(path, {"clip": "clip", "lm": "text_lm"}[kind])
+    if kind == "clip":  # CLIP's text tower: every weight but the image tower, the projection and the scale
+        text = ckpt["config"]["model"]["text"]
+        weights = {k: v for k, v in ckpt["model"].items()
+                   if not k.startswith("visual.") and k not in ("text_projection", "logit_scale")}
+    else:  # the masked LM's encoder, without its prediction head
+        text = ckpt["config"]["text"]
+        weights = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    return {"kind": kind, "text": config_from_dict(TextEncoderConfig, text), "weights": weights,
+            "tokenizer": BPETokenizer.from_state_dict(ckpt["tokenizer"])}
+
+
+def use_frozen_text_encoder(cfg):
+    """For a training config with `text_encoder` clip:<ckpt> or lm:<ckpt>: load the encoder and take its sizes
+    into cfg.text and cfg.tokenizer (so they are printed, stored and checked on resume). None for joint."""
+    if cfg.text_encoder == "joint":
+        return None
+    frozen = load_frozen_text_encoder(cfg.text_encoder)
+    cfg.text = frozen["text"]
+    cfg.tokenizer = TokenizerConfig(vocab_size=frozen["tokenizer"].vocab_size)
+    t = cfg.text
+    if cfg.unet.context_dim != t.width or cfg.unet.pooled_dim not in (0, t.width):  # fail before loading data
+        raise ValueError(f"unet.context_dim ({cfg.unet.context_dim}) must equal the width of the frozen encoder "
+                         f"{cfg.text_encoder} ({t.width}) and unet.pooled_dim ({cfg.unet.pooled_dim}) be 0 or that "
+                         f"width; set unet.context_dim={t.width}")
+    print(f"text encoder: frozen {frozen['kind']} from {cfg.text_encoder.partition(':')[2]} (width {t.width}, "
+          f"{t.layers} layers, {t.heads} heads, {t.max_length} tokens, vocab {t.vocab_size}); text.* and "
+          f"tokenizer.* are taken from it", flush=True)
+    return frozen
+
+
+def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextConditionedUNet:
+    """frozen: the dict of load_frozen_text_encoder, whose weights go into the frozen encoder (None: joint, or
+    the weights come later from a diffusion checkpoint)."""
+    if model_cfg.text_encoder != "joint":
+        model = TextConditionedUNet(model_cfg.text, model_cfg.unet, model_cfg.text_encoder)
+        if frozen is not None:
+            load_weights(model.text_encoder.encoder, frozen["weights"], f"{frozen['kind']} text encoder weights")
+        return model
     text_cfg = model_cfg.text
     if text_cfg.vocab_size not in (0, vocab_size):
         raise ValueError(f"text.vocab_size ({text_cfg.vocab_size}) differs from the tokenizer's ({vocab_size}); "
@@ -101,11 +211,11 @@ def generate(model, tokenizer, schedule, prompts, sampler_cfg: SamplerConfig, ge
 
 def load_text2image(ckpt, device, use_ema=True):
     """A diffusion checkpoint dict -> (model in eval mode, tokenizer, schedule, ModelConfig, SamplerConfig)."""
-    from train.common import load_weights
     from train.config import config_from_dict
 
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
-                                                                            "schedule")})
+                                                                            "schedule", "text_encoder")
+                                               if k in ckpt["config"]})  # text_encoder: absent before issue 3
     sampler_cfg = config_from_dict(SamplerConfig, ckpt["config"]["sampler"])
     tokenizer = BPETokenizer.from_state_dict(ckpt["tokenizer"])
     model = build_model(model_cfg, tokenizer.vocab_size)

@@ -23,8 +23,17 @@ Word-end convention (a documented choice, stored in the state as `end_of_word`):
             so decode(encode(s)) == s exactly, whitespace included.
     "</w>"  Sennrich's and CLIP's style: the marker is appended to the last symbol of every word ("circle</w>"),
             the split regex drops whitespace, and decode turns each marker into a space. Not produced by
-            `train`; it is here so that CLIP's bpe_simple_vocab_16e6.txt.gz can be loaded by filling the
-            state (vocab, merges, pattern, lowercase=True, end_of_word="</w>").
+            `train`; it is here for CLIP's published vocabulary (`BPETokenizer.from_clip_vocab`).
+
+CLIP's tokenizer (Radford et al. 2021, arXiv 2103.00020; OpenAI's clip/simple_tokenizer.py, copied by open_clip).
+`BPETokenizer.from_clip_vocab("bpe_simple_vocab_16e6.txt.gz")` reads the published merge list (the file the
+open_clip wheel ships) into this class: vocab = 256 byte symbols, the same 256 with "</w>", one token per merge
+(the first 48,894 merges), <|startoftext|> <|endoftext|> = 49,408 tokens; pad id 0 (CLIP pads with zeros);
+CLIP_SPLIT_PATTERN; lower-case; and the cleaning step `clean="clip"`: html.unescape twice, Unicode NFC, runs of
+whitespace collapsed. tests/test_clip_tokenizer.py shows the ids equal open_clip's. One difference: CLIP also
+runs ftfy.fix_text (repairs mojibake, uncurls quotes, undoes ligatures and full-width forms); we do not depend
+on ftfy, so a prompt holding such characters can get other ids (the test shows ours(ftfy(s)) == open_clip(s)).
+Over-long prompts are cut as CLIP's tokenize(truncate=True) cuts them (see __call__).
 
 Special tokens: <|startoftext|> <|endoftext|> <|pad|> (CLIP's names for the first two) come after the merges.
 `__call__` builds the model input: <start> tokens <end> <pad> ... with a mask that is True on real tokens.
@@ -35,10 +44,14 @@ Notation (Sennrich Algorithm 1 -> code):
     merge_vocab(pair, vocab)       merge_pair(symbols, pair, merged), applied to the words holding the pair
     merge number i                 rank i in merge_ranks
 """
+import gzip
 import heapq
+import html
 import re
+import unicodedata
 from collections import Counter, defaultdict
 
+import regex
 import torch
 from tqdm import tqdm
 
@@ -52,6 +65,13 @@ from tqdm import tqdm
 # back to the text. `re` has no \p{L}/\p{N}; the only difference from the `regex` module's classes is that
 # numeric characters outside Nd ('²', '½', 'Ⅻ') count as letters here instead of numbers.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\w\s]|_)+|\s+(?!\S)|\s+"""
+
+# CLIP's split (OpenAI's simple_tokenizer.py): contractions, runs of letters, single digits, runs of other
+# non-space characters; whitespace is dropped. \p{L} / \p{N} need the `regex` module: the built-in `re` has no
+# Unicode property classes. Patterns without \p{...} keep compiling with `re`, so trained tokenizers (and the
+# checkpoints that hold them) split exactly as before.
+CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_NUM_MERGES = 49152 - 256 - 2  # merges OpenAI reads from bpe_simple_vocab_16e6.txt.gz (vocab 49,408)
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -94,13 +114,16 @@ class BPETokenizer:
     `BPETokenizer.from_state_dict(d)`; the constructor takes the state fields directly."""
 
     def __init__(self, vocab, merges, pattern=GPT2_SPLIT_PATTERN, lowercase=False, end_of_word="",
-                 start_id=None, end_id=None, pad_id=None):
+                 start_id=None, end_id=None, pad_id=None, clean=""):
         # vocab: list[str], id -> token string (bytes_to_unicode alphabet, plus end_of_word and special tokens)
         # merges: list of (left, right) token-string pairs in the order they were learned (= rank)
         self.vocab = list(vocab)
         self.merges = [tuple(m) for m in merges]
         self.pattern = pattern
         self.lowercase = lowercase
+        if clean not in ("", "clip"):
+            raise ValueError(f"unknown tokenizer clean step {clean!r}; use '' (none) or 'clip'")
+        self.clean = clean  # '' none | 'clip': html.unescape twice, NFC, whitespace collapsed (before lowercase)
         self.end_of_word = end_of_word
         self.token_to_id = {token: i for i, token in enumerate(self.vocab)}
         if len(self.token_to_id) != len(self.vocab):
@@ -119,7 +142,7 @@ class BPETokenizer:
                 raise ValueError(f"{name}={i} is outside the vocab of {len(self.vocab)} tokens")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self.word_re = re.compile(pattern)
+        self.word_re = (regex if r"\p{" in pattern else re).compile(pattern)
         self.cache = {}  # word -> list of ids
 
     # ------------------------------------------------------------------ training (Sennrich Algorithm 1)
@@ -240,6 +263,8 @@ class BPETokenizer:
         """Token ids of `text`, without special tokens."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        if self.clean == "clip":  # OpenAI's basic_clean + whitespace_clean, without ftfy (see the docstring)
+            text = " ".join(unicodedata.normalize("NFC", html.unescape(html.unescape(text))).split())
         if self.lowercase:
             text = text.lower()
         ids = []
@@ -328,6 +353,7 @@ class BPETokenizer:
             "pattern": self.pattern,
             "lowercase": self.lowercase,
             "end_of_word": self.end_of_word,
+            "clean": self.clean,
             "start_id": self._start_id,
             "end_id": self._end_id,
             "pad_id": self._pad_id,
@@ -340,8 +366,27 @@ class BPETokenizer:
         if missing:
             raise ValueError(f"tokenizer state is missing {missing}; was it saved with BPETokenizer.state_dict()?")
         return cls(d["vocab"], d["merges"], pattern=d["pattern"], lowercase=d["lowercase"],
-                   end_of_word=d["end_of_word"], start_id=d["start_id"], end_id=d["end_id"], pad_id=d["pad_id"])
+                   end_of_word=d["end_of_word"], start_id=d["start_id"], end_id=d["end_id"], pad_id=d["pad_id"],
+                   clean=d.get("clean", ""))  # states saved before `clean` existed have none
+
+    @classmethod
+    def from_clip_vocab(cls, path):
+        """CLIP's tokenizer from OpenAI's published merge list `bpe_simple_vocab_16e6.txt.gz` (gzip text: a
+        version line, then one merge "left right" per line, in rank order)."""
+        try:
+            lines = gzip.open(path).read().decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read CLIP vocabulary {path} ({e}); pass bpe_simple_vocab_16e6.txt.gz, e.g. "
+                             f"the one inside the open_clip package") from None
+        merges = [tuple(line.split()) for line in lines[1: CLIP_NUM_MERGES + 1]]
+        if len(merges) != CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+            raise ValueError(f"{path} is not CLIP's merge list: expected {CLIP_NUM_MERGES} lines 'left right' "
+                             f"after the first")
+        byte_chars = list(bytes_to_unicode().values())  # OpenAI's order: the byte map's values, not sorted
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [START_TOKEN, END_TOKEN]
+        return cls(vocab, merges, pattern=CLIP_SPLIT_PATTERN, lowercase=True, end_of_word="</w>", pad_id=0,
+                   clean="clip")
 
     def __repr__(self):
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
-                f"lowercase={self.lowercase}, end_of_word={self.end_of_word!r})")
+                f"lowercase={self.lowercase}, end_of_word={self.end_of_word!r}, clean={self.clean!r})")

@@ -18,6 +18,7 @@ Loop (Algorithm 1 with conditioning dropout):
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                (Eq. 4)
     caption replaced by the null context with probability p_uncond
     loss = || target - model(x_t, t, caption) ||^2              (Eq. 14; target eps, x_0 or v)
+           optionally weighted per sample by Min-SNR-gamma          (Hang et al. 2023, arXiv 2303.09556)
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,13 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
-from models.text2image import ModelConfig, TokenizerConfig, build_model, generate
+from models.text2image import ModelConfig, TokenizerConfig, build_model, generate, use_frozen_text_encoder
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNetConfig
@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0        # max global gradient norm (0 = off)
     ema_decay: float = 0.999      # EMA of the weights, used for sampling
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
+    snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
     bf16: bool = False            # bf16 autocast for forward and loss
     seed: int = 0                 # seeds the model init, the data order and the noise
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
@@ -76,6 +77,7 @@ class DiffusionConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    text_encoder: str = "joint"  # joint: trained here | clip:<ckpt> | lm:<ckpt>: frozen (models/text2image.py)
     # defaults for `python -m sample`; in pixel space x0_hat is clipped to [-1, 1] as in DDPM's code and
     # diffusers' default (an undertrained model's x0_hat at high noise is far outside the data range)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True))
@@ -105,6 +107,7 @@ def check_config(cfg):
 def main(argv=None):
     cfg, config_path = parse_config(DiffusionConfig, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
+    frozen = use_frozen_text_encoder(cfg)  # None for joint; else the encoder, its tokenizer, its sizes in cfg.text
     tc = cfg.train
     out_dir = Path(tc.out_dir or default_out_dir(config_path, "diffusion"))
     rank, world = setup_distributed()
@@ -120,7 +123,8 @@ def main(argv=None):
     resumed = None
     if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
         resumed = load_checkpoint(ckpt_path, "diffusion")
-        if resumed["config"] != config_to_dict(cfg) | {"train": resumed["config"]["train"]}:
+        fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder")  # train and sampler settings may change
+        if any(resumed["config"][k] != config_to_dict(cfg)[k] for k in fixed):
             raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config; resume with "
                              f"the same config or choose another train.out_dir")
     elif ckpt_path.exists():
@@ -131,13 +135,15 @@ def main(argv=None):
     data = load_data(cfg.data, progress=is_main)
     if resumed:
         tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"])
+    elif frozen:
+        tokenizer = frozen["tokenizer"]
     else:
         tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size, progress=is_main)
     all_ids, all_mask = tokenizer(data.captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
 
     # ---- model, optimizer, EMA
-    model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule)
-    model = build_model(model_cfg, tokenizer.vocab_size).to(device)
+    model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder)
+    model = build_model(model_cfg, tokenizer.vocab_size, frozen).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     lr_at = lambda s: tc.lr * warmup_cosine(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
@@ -148,6 +154,9 @@ def main(argv=None):
         optimizer.load_state_dict(resumed["optimizer"])
         set_rng_state(resumed["rng"])
         start_step = resumed["step"]
+    if frozen:  # the frozen encoder's outputs for the training captions, computed once
+        n_cached = model.text_encoder.cache_outputs(all_ids, all_mask)
+        print(f"cached the frozen text encoder's outputs for {n_cached} distinct captions", flush=True)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     schedule = NoiseSchedule(cfg.schedule).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -199,7 +208,10 @@ def main(argv=None):
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
             pred = ddp_model(x_t, t, ids, mask, drop_cond=drop)
-            loss = F.mse_loss(pred.float(), schedule.training_target(x0, noise, t))  # Eq. 14
+            err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
+            if tc.snr_gamma:
+                err = err * schedule.min_snr_weight(t, tc.snr_gamma)  # Min-SNR-gamma, Hang et al. Eq. 9
+            loss = err.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)

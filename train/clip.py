@@ -1,0 +1,265 @@
+"""Train CLIP (models/clip.py) on image-caption pairs with the symmetric contrastive loss, then evaluate it.
+
+Paper: Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision",
+arXiv 2103.00020: Fig. 3 (the loss), Sec. 2.5 (AdamW, cosine schedule, learned temperature clipped at 100),
+Sec. 3.1 (zero-shot classification: the class whose caption embedding is nearest; Sec. 3.1.4 prompt
+ensembling: the embeddings of several templates averaged), Sec. 3.1 / Table 13 (retrieval recall@k).
+
+    python -m train.clip --config configs/shapes/clip.yaml        # conditioning CLIP (conv image tower, seed 0)
+    python -m train.clip --config configs/shapes/clip_eval.yaml   # evaluation CLIP (ViT image tower, seed 1)
+
+Writes out_dir/ckpt.pt (kind "clip": config, weights, tokenizer) and out_dir/config.yaml. On the built-in shapes
+it ends with (measured figures in configs/shapes/clip.yaml):
+    zero-shot heldin   colour 0.99x | shape 0.99x | pair 0.99x  (1000 fresh single-object renders, 63 classes)
+    zero-shot heldout  colour ... | shape ... | pair ...        (pairs never seen in training)
+    retrieval heldin   image->text R@1 ... R@5 ... | text->image R@1 ... R@5 ...
+    retrieval heldout  ...
+
+Zero-shot: each of the 63 (colour, shape) pairs is a class, embedded as the mean of TEMPLATES (Sec. 3.1.4); an
+image's colour is the colour with the largest probability summed over shapes, likewise its shape; "pair" is
+the argmax class. Held-out images show the 7 pairs of train/shapes.py HELDOUT_PAIRS, never in training.
+Retrieval: fresh renders with their captions; image->text ranks the captions for each image, text->image ranks
+the images for each caption. Many captions describe several images ("a red circle"), so a hit is a retrieved
+item that agrees with every claim of the caption (objects, colours, shapes, stated sizes, relation,
+stated background), judged on the true attributes with metrics/prompt_accuracy.judge.
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from metrics.prompt_accuracy import judge
+from models.clip import CLIP, CLIPConfig, contrastive_loss, load_clip
+from models.text_encoder import TextEncoderConfig
+from models.tokenizer import BPETokenizer
+from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, warmup_cosine
+from train.config import config_to_dict, default_out_dir, format_config, parse_config
+from train.data import DataConfig, load_data
+from train.shapes import ALL_PAIRS, COLOURS, SHAPES, parse_caption, render_dataset
+
+TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}")
+
+
+@dataclass
+class ClipTokenizerConfig:
+    vocab_size: int = 512  # byte-level BPE trained on the captions: 256 bytes + merges + 3 special tokens
+    vocab_file: str = ""  # '' = train that BPE | path to CLIP's bpe_simple_vocab_16e6.txt.gz (49,408 tokens)
+
+
+@dataclass
+class ClipTrainConfig:
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    tokenizer: ClipTokenizerConfig = field(default_factory=ClipTokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = ""  # '' = runs/<config file name>
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # pairs per step: the B x B similarity matrix of the loss
+    lr: float = 1e-3  # peak AdamW learning rate (Sec. 2.5: AdamW with cosine decay)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not applied to gains, biases, embeddings, scale)
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to 1% of lr
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    seed: int = 0  # model init and batch order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    bf16: bool = False  # bf16 autocast for forward and loss
+    log_every: int = 100  # steps between log lines
+    eval_images: int = 1000  # fresh renders per split for the final evaluation (shapes only; 0 = skip)
+    eval_seed: int = 1  # rendering seed of the evaluation images (must differ from data.seed)
+    overwrite: bool = False  # replace an existing out_dir/ckpt.pt (otherwise that is an error)
+
+
+def build_tokenizer(cfg: ClipTrainConfig, captions):
+    if cfg.tokenizer.vocab_file:
+        return BPETokenizer.from_clip_vocab(cfg.tokenizer.vocab_file)
+    return BPETokenizer.train(captions, cfg.tokenizer.vocab_size)
+
+
+def parameter_groups(model, weight_decay):
+    """Decay only matrices of Linear/Conv layers; LayerNorm/GroupNorm gains, biases, embeddings, positions and
+    the logit scale are not decayed (as in OpenAI's and open_clip's training code)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        no = p.ndim < 2 or "embedding" in name or name == "logit_scale"
+        (no_decay if no else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- evaluation
+
+def article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size=512):
+    """Captions -> l2-normalised text embeddings (N, E); over-long captions are cut (truncate=True)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer(texts[i: i + batch_size], max_length=model.cfg.text.max_length, truncate=True)
+        out.append(torch.nn.functional.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model, images, batch_size=512):
+    """uint8 (N, 3, H, W) -> l2-normalised image embeddings (N, E)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i: i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        out.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1))
+    return torch.cat(out)
+
+
+def render(num_images, resolution, seed, split, max_objects):
+    images, captions, attributes = render_dataset(num_images, resolution, seed, split, max_objects, progress=False)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions, attributes  # (N, 3, R, R)
+
+
+def zero_shot(model, tokenizer, images, attributes):
+    """Sec. 3.1: classify each image among the 63 (colour, shape) pairs, each embedded as the normalised mean
+    of its TEMPLATES embeddings (Sec. 3.1.4). Returns accuracy of colour, shape (marginals) and pair."""
+    texts = [t.format(f"{article(c)} {c} {s}") for c, s in ALL_PAIRS for t in TEMPLATES]
+    T_e = embed_texts(model, tokenizer, texts).view(len(ALL_PAIRS), len(TEMPLATES), -1).mean(1)  # (63, E)
+    T_e = torch.nn.functional.normalize(T_e, dim=-1)
+    probs = (100 * embed_images(model, images) @ T_e.t()).softmax(-1).cpu()  # (N, 63)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    by_colour = torch.zeros(len(ALL_PAIRS), len(colours)).index_put_(
+        (torch.arange(len(ALL_PAIRS)), torch.tensor([colours.index(c) for c, _ in ALL_PAIRS])), torch.tensor(1.0))
+    by_shape = torch.zeros(len(ALL_PAIRS), len(shapes)).index_put_(
+        (torch.arange(len(ALL_PAIRS)), torch.tensor([shapes.index(s) for _, s in ALL_PAIRS])), torch.tensor(1.0))
+    true_colour = torch.tensor([colours.index(a["objects"][0]["colour"]) for a in attributes])
+    true_shape = torch.tensor([shapes.index(a["objects"][0]["shape"]) for a in attributes])
+    true_pair = torch.tensor([ALL_PAIRS.index((a["objects"][0]["colour"], a["objects"][0]["shape"]))
+                              for a in attributes])
+    return {"colour": ((probs @ by_colour).argmax(-1) == true_colour).float().mean().item(),
+            "shape": ((probs @ by_shape).argmax(-1) == true_shape).float().mean().item(),
+            "pair": (probs.argmax(-1) == true_pair).float().mean().item()}
+
+
+def caption_holds(caption, attributes):
+    """Whether a scene agrees with every claim of a caption (judge() on the true attributes, plus background)."""
+    claims = parse_caption(caption)
+    return judge(claims, attributes)["overall"] and claims["background"] in (None, attributes["background"])
+
+
+def retrieval(model, tokenizer, images, captions, attributes, ks=(1, 5)):
+    """Recall@k both ways over N images and their N captions; a hit is an item whose caption holds."""
+    sim = (embed_images(model, images) @ embed_texts(model, tokenizer, captions).t()).cpu()  # (N images, N texts)
+    top = sim.topk(max(ks), dim=1).indices  # (N, k): captions ranked for each image
+    top_t = sim.t().topk(max(ks), dim=1).indices  # (N, k): images ranked for each caption
+    out = {}
+    for k in ks:
+        out[f"image->text R@{k}"] = sum(any(caption_holds(captions[j], attributes[i]) for j in top[i, :k].tolist())
+                                        for i in range(len(captions))) / len(captions)
+        out[f"text->image R@{k}"] = sum(any(caption_holds(captions[j], attributes[i]) for i in top_t[j, :k].tolist())
+                                        for j in range(len(captions))) / len(captions)
+    return out
+
+
+def evaluate(model, tokenizer, data_cfg: DataConfig, num_images, seed):
+    """Zero-shot and retrieval on fresh shapes renders of `seed`, held-in and held-out pairs."""
+    model.eval()
+    results = {}
+    for split, name in (("train", "heldin"), ("heldout", "heldout")):
+        images, _, attributes = render(num_images, data_cfg.resolution, seed, split, max_objects=1)
+        results[f"zero-shot {name}"] = zero_shot(model, tokenizer, images, attributes)
+        images, captions, attributes = render(num_images, data_cfg.resolution, seed + 1, split, data_cfg.max_objects)
+        results[f"retrieval {name}"] = retrieval(model, tokenizer, images, captions, attributes)
+    return results
+
+
+# ---------------------------------------------------------------- training
+
+def main(argv=None):
+    cfg, config_path = parse_config(ClipTrainConfig, argv, description=__doc__.split("\n")[0])
+    if cfg.model.vision.image_size != cfg.data.resolution:
+        raise ValueError(f"model.vision.image_size ({cfg.model.vision.image_size}) must equal data.resolution "
+                         f"({cfg.data.resolution}); set both")
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.data.num_images < cfg.batch_size:
+        raise ValueError("steps must be >= 1, batch_size >= 2 (the loss contrasts pairs within a batch) and "
+                         "data.num_images >= batch_size")
+    if cfg.eval_images and cfg.eval_seed == cfg.data.seed:
+        raise ValueError("eval_seed must differ from data.seed so that the evaluation images are unseen")
+    out_dir = Path(cfg.out_dir or default_out_dir(config_path, "clip"))
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.overwrite:
+        raise ValueError(f"{ckpt_path} exists; pass overwrite=true to replace it or choose another out_dir "
+                         f"(nothing was overwritten)")
+    device = get_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    # ---- data: images in memory, captions tokenized once
+    data = load_data(cfg.data)
+    tokenizer = build_tokenizer(cfg, data.captions)
+    L = cfg.model.text.max_length
+    all_ids, all_mask = tokenizer(data.captions, max_length=L, truncate=True)  # (N, L)
+    n_cut = sum(len(tokenizer.encode(c)) + 2 > L for c in data.captions)
+    if n_cut:
+        print(f"{n_cut} caption(s) longer than {L} tokens were cut to the first {L - 1} tokens + <end>", flush=True)
+    N = len(data)
+
+    # ---- model, optimizer
+    model_cfg = CLIPConfig(**{**cfg.model.__dict__, "text": TextEncoderConfig(
+        **{**cfg.model.text.__dict__, "vocab_size": tokenizer.vocab_size})})
+    cfg.model = model_cfg  # stored in the checkpoint with the vocabulary size filled in
+    model = CLIP(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    n_params = sum(p.numel() for p in model.parameters())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
+    print(f"{N} image-caption pairs, tokenizer vocab {tokenizer.vocab_size}, {n_params / 1e6:.2f}M parameters "
+          f"(image tower {cfg.model.vision.kind}), device {device}", flush=True)
+
+    # ---- the loop
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm, offset = torch.randperm(N, generator=g), 0
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="clip", dynamic_ncols=True)
+    for step in bar:
+        if offset + cfg.batch_size > N:  # new epoch
+            perm, offset = torch.randperm(N, generator=g), 0
+        idx = perm[offset: offset + cfg.batch_size]
+        offset += cfg.batch_size
+        x = data.batch(idx)[0].to(device)  # (B, 3, H, W) in [-1, 1]
+        length = int(all_mask[idx].sum(1).max())  # drop the columns that are padding in every row
+        ids, mask = all_ids[idx, :length].to(device), all_mask[idx, :length].to(device)  # (B, l)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, min_ratio=0.01)
+        with autocast(device, cfg.bf16):
+            loss, logits = contrastive_loss(model.encode_image(x).float(), model.encode_text(ids, mask).float(),
+                                            model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        model.clamp_logit_scale()  # Sec. 2.5
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            accuracy = (logits.argmax(1) == torch.arange(len(idx), device=device)).float().mean().item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | in-batch image->text acc {accuracy:.3f} | "
+                       f"logit scale {model.logit_scale.exp().item():.1f} | lr {optimizer.param_groups[0]['lr']:.2e} "
+                       f"| {time.time() - t0:.0f}s")
+    train_seconds = time.time() - t0
+
+    save_checkpoint(ckpt_path, {"kind": "clip", "config": config_to_dict(cfg), "step": cfg.steps,
+                                "model": model.state_dict(), "tokenizer": tokenizer.state_dict()})
+    print(f"saved {ckpt_path} after {cfg.steps} steps ({train_seconds:.0f}s of training)", flush=True)
+
+    # ---- evaluation through the checkpoint, as users will load it
+    if cfg.data.dataset != "shapes" or not cfg.eval_images:
+        return
+    model, tokenizer, _ = load_clip(ckpt_path, device)
+    t1 = time.time()
+    results = evaluate(model, tokenizer, cfg.data, cfg.eval_images, cfg.eval_seed)
+    print(f"evaluation on {cfg.eval_images} fresh renders per split (seed {cfg.eval_seed}), {time.time() - t1:.0f}s:")
+    for name, figures in results.items():
+        print(f"{name:18s} " + " | ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)

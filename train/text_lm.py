@@ -1,0 +1,156 @@
+"""Train the text-only masked language model (models/text_lm.py) on captions alone.
+
+Paper: Devlin et al. 2018, BERT, arXiv 1810.04805, Sec. 3.1 (masked LM, 15% of tokens, 80/10/10) and App. A.2
+(Adam with warm-up and decay); the frozen-text-encoder idea is Imagen's (Saharia et al. 2022, arXiv 2205.11487).
+
+    python -m train.text_lm --config configs/shapes/text_lm.yaml
+
+The shapes captions come from train/shapes.py's scene sampler without rendering a pixel; other datasets
+(data.dataset=folder:... / hub:...) are loaded and only their captions kept. Writes out_dir/ckpt.pt (kind
+"text_lm": config, weights, tokenizer) and out_dir/config.yaml, and ends with the masked-token accuracy on fresh
+captions (another seed): mask_prob of the real tokens (not <start>/<end>) chosen, all replaced by [MASK] (no
+random or kept tokens at evaluation), and the accuracy is the fraction of them predicted exactly:
+    masked-token accuracy  heldin 0.9xx | heldout 0.9xx   (measured figures in configs/shapes/text_lm.yaml)
+"""
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.text_encoder import TextEncoderConfig
+from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
+from models.tokenizer import BPETokenizer
+from train.common import get_device, run_cli, save_checkpoint, seed_everything, warmup_cosine
+from train.config import config_to_dict, default_out_dir, format_config, parse_config
+from train.data import DataConfig, load_data
+from train.shapes import sample_scene
+
+
+@dataclass
+class TextLMTrainConfig:
+    # the encoder; vocab_size is set to the tokenizer's + 1 ([MASK]); width = the U-Net's context_dim later
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16, width=64, layers=2,
+                                                                              heads=4, causal=False))
+    vocab_size: int = 512  # byte-level BPE trained on the captions (256 bytes + merges + 3 special tokens)
+    data: DataConfig = field(default_factory=DataConfig)  # only the captions are used
+    out_dir: str = ""  # '' = runs/<config file name>
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 256  # captions per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (BERT App. A.2)
+    warmup_steps: int = 100  # linear warm-up, then cosine decay to 1% of lr
+    mask_prob: float = 0.15  # BERT: fraction of real tokens chosen for prediction
+    random_prob: float = 0.1  # of the chosen: replaced by a random token
+    keep_prob: float = 0.1  # of the chosen: left unchanged (the rest become [MASK])
+    seed: int = 0  # model init, batch order and masking
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 100  # steps between log lines
+    eval_captions: int = 2000  # fresh captions per split for the final accuracy (shapes only; 0 = skip)
+    eval_seed: int = 1  # scene seed of the evaluation captions (must differ from data.seed)
+    overwrite: bool = False  # replace an existing out_dir/ckpt.pt (otherwise that is an error)
+
+
+def captions_of(data_cfg: DataConfig, num, seed, split):
+    if data_cfg.dataset == "shapes":
+        return [sample_scene(seed, i, split, data_cfg.max_objects)[0] for i in range(num)]
+    return load_data(data_cfg).captions
+
+
+@torch.no_grad()
+def masked_accuracy(model, tokenizer, captions, mask_prob, seed, batch_size=512):
+    """Fraction of masked tokens predicted exactly; every chosen token is replaced by [MASK]."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    special = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id}
+    right = total = 0
+    for i in range(0, len(captions), batch_size):
+        ids, mask = tokenizer(captions[i: i + batch_size], max_length=model.cfg.max_length, truncate=True)
+        corrupted, chosen = mask_tokens(ids, mask, special, model.mask_id, model.cfg.vocab_size, g, mask_prob,
+                                        random_prob=0.0, keep_prob=0.0)
+        predicted = model(corrupted.to(device), mask.to(device)).argmax(-1).cpu()  # (b, L)
+        right += (predicted[chosen] == ids[chosen]).sum().item()
+        total += chosen.sum().item()
+    return right / max(total, 1)
+
+
+def main(argv=None):
+    cfg, config_path = parse_config(TextLMTrainConfig, argv, description=__doc__.split("\n")[0])
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be at least 1")
+    if cfg.eval_captions and cfg.eval_seed == cfg.data.seed:
+        raise ValueError("eval_seed must differ from data.seed so that the evaluation captions are unseen")
+    if not 0 < cfg.mask_prob < 1 or cfg.random_prob + cfg.keep_prob > 1:
+        raise ValueError("mask_prob must be in (0, 1) and random_prob + keep_prob at most 1")
+    if cfg.text.causal:
+        raise ValueError("a masked language model reads both ways; set text.causal=false")
+    out_dir = Path(cfg.out_dir or default_out_dir(config_path, "text_lm"))
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt_path.exists() and not cfg.overwrite:
+        raise ValueError(f"{ckpt_path} exists; pass overwrite=true to replace it or choose another out_dir "
+                         f"(nothing was overwritten)")
+    device = get_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    # ---- data: captions only, tokenized once
+    captions = captions_of(cfg.data, cfg.data.num_images, cfg.data.seed, cfg.data.split)
+    tokenizer = BPETokenizer.train(captions, cfg.vocab_size)
+    all_ids, all_mask = tokenizer(captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
+    special = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id}
+    N = len(captions)
+
+    # ---- model, optimizer
+    cfg.text = TextEncoderConfig(**{**cfg.text.__dict__, "vocab_size": tokenizer.vocab_size + 1})  # + [MASK]
+    model = MaskedLanguageModel(cfg.text).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{N} captions, tokenizer vocab {tokenizer.vocab_size} (+ [MASK]), {n_params / 1e6:.2f}M parameters, "
+          f"device {device}", flush=True)
+
+    # ---- the loop
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm, offset = torch.randperm(N, generator=g), 0
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(cfg.steps), desc="text_lm", dynamic_ncols=True)
+    for step in bar:
+        if offset + cfg.batch_size > N:  # new epoch
+            perm, offset = torch.randperm(N, generator=g), 0
+        idx = perm[offset: offset + cfg.batch_size]
+        offset += cfg.batch_size
+        ids, mask = all_ids[idx], all_mask[idx]  # (B, L)
+        corrupted, chosen = mask_tokens(ids, mask, special, model.mask_id, cfg.text.vocab_size, g, cfg.mask_prob,
+                                        cfg.random_prob, cfg.keep_prob)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, min_ratio=0.01)
+        logits = model(corrupted.to(device), mask.to(device))  # (B, L, V)
+        loss = masked_lm_loss(logits, ids.to(device), chosen.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                       f"{time.time() - t0:.0f}s")
+
+    save_checkpoint(ckpt_path, {"kind": "text_lm", "config": config_to_dict(cfg), "step": cfg.steps,
+                                "model": model.state_dict(), "tokenizer": tokenizer.state_dict()})
+    print(f"saved {ckpt_path} after {cfg.steps} steps ({time.time() - t0:.0f}s)", flush=True)
+
+    # ---- masked-token accuracy on fresh captions, through the checkpoint
+    if cfg.data.dataset != "shapes" or not cfg.eval_captions:
+        return
+    model, tokenizer, _ = load_text_lm(ckpt_path, device)
+    figures = {name: masked_accuracy(model, tokenizer, captions_of(cfg.data, cfg.eval_captions, cfg.eval_seed, split),
+                                     cfg.mask_prob, cfg.eval_seed)
+               for split, name in (("train", "heldin"), ("heldout", "heldout"))}
+    print(f"masked-token accuracy on {cfg.eval_captions} fresh captions per split (seed {cfg.eval_seed}, "
+          f"{cfg.mask_prob:.0%} of tokens masked): " + " | ".join(f"{k} {v:.3f}" for k, v in figures.items()),
+          flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
