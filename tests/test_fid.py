@@ -1,0 +1,283 @@
+"""Tests for metrics/fid.py, metrics/fid_infinity.py and metrics/features.py: streaming statistics equal
+numpy.cov; the Frechet distance equals the closed form between Gaussians, is 0 for a set with itself, and
+equals pytorch-fid's scipy.linalg.sqrtm route (also for N < D); statistics files go both ways between
+pytorch-fid and us; the command line end to end (Inception with random weights against pytorch-fid's own
+pipeline, the classifier features offline) and its one-line errors; FID-infinity's subsets and fit."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metrics import fid as fid_cli
+from metrics import fid_infinity as fid_infinity_cli
+from metrics.fid import (RunningStats, frechet_distance, load_stats, root_factor, save_stats, stats_of,
+                         trace_sqrt_product)
+from metrics.fid_infinity import fid_infinity, plot_fid_against_n, subset_fid
+from models.classifier import ClassifierConfig, ShapesClassifier
+from tests.test_inception import import_references, pytorch_fid_twin, random_inception
+from tests.test_train_diffusion import cli_error
+from train.common import save_checkpoint
+from train.config import config_to_dict
+from train.shapes import render_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gaussian_features(n, d, seed, shift=0.0):
+    """n samples (float64) of one correlated, non-centred Gaussian per d (the mixing matrix depends on d only)."""
+    mix = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) / d ** 0.5
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mix + shift + 1
+
+
+def scipy_route(mu1, s1, mu2, s2):
+    import_references()
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    return calculate_frechet_distance(mu1, s1, mu2, s2)
+
+
+# ---------------------------------------------------------------- statistics and the distance
+
+def test_streaming_statistics_equal_numpy_cov():
+    x = gaussian_features(203, 24, seed=0)
+    stats = RunningStats(24)
+    for batch in (x[:1], x[1:50], x[50:51], x[51:]):  # uneven batches, two of a single vector
+        stats.update(batch)
+    mu, sigma = stats.mu_sigma()
+    np.testing.assert_allclose(mu, x.numpy().mean(0), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(sigma, np.cov(x.numpy(), rowvar=False), rtol=0, atol=1e-13)
+    assert stats.n == 203 and sigma.dtype == np.float64
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningStats(3).update(torch.zeros(1, 3)).mu_sigma()
+
+
+def test_closed_form_between_gaussians():
+    """Isotropic: FID = ||mu1 - mu2||^2 + D (a - b)^2 for a^2 I and b^2 I. Commuting (same eigenvectors Q):
+    FID = ||mu1 - mu2||^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2."""
+    D = 50
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(D, generator=g).double().numpy(), torch.randn(D, generator=g).double().numpy()
+    a, b = 1.5, 0.7
+    expected = ((mu1 - mu2) ** 2).sum() + D * (a - b) ** 2
+    assert frechet_distance(mu1, a * a * np.eye(D), mu2, b * b * np.eye(D)) == pytest.approx(expected, rel=1e-12)
+    Q, _ = np.linalg.qr(torch.randn(D, D, generator=g).double().numpy())
+    s1, s2 = np.linspace(0.1, 4, D), np.linspace(3, 0.01, D)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    got = frechet_distance(mu1, Q @ np.diag(s1) @ Q.T, mu2, Q @ np.diag(s2) @ Q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [500, 40])  # N > D and N < D (singular covariances)
+def test_fid_of_a_set_with_itself_is_zero(n):
+    mu, sigma = stats_of(gaussian_features(n, 64, seed=1))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-10 * np.trace(sigma)
+
+
+@pytest.mark.parametrize("n,d", [(600, 128), (60, 128), (300, 300)])
+def test_equals_pytorch_fid_sqrtm_route(n, d):
+    """pytorch-fid's calculate_frechet_distance (scipy.linalg.sqrtm of S_1 S_2) to 1e-6 relative, also
+    when N < D, where both covariances are singular."""
+    (mu1, s1), (mu2, s2) = stats_of(gaussian_features(n, d, seed=2)), stats_of(gaussian_features(n + 3, d, 3, 0.2))
+    ours, theirs = frechet_distance(mu1, s1, mu2, s2), scipy_route(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert ours > 1  # not a trivially small number
+
+
+def test_singular_case_equals_the_gram_route():
+    """N < D: the non-zero eigenvalues of S_2^(1/2) S_1 S_2^(1/2) also come from the N x N matrix Z S_2 Z^T
+    (fid_infinity.subset_fid), which never sees the D - N zero eigenvalues; the eigen route drops them
+    as rounding noise and agrees to 1e-12, while sqrtm is off by ~1e-8."""
+    a, b = gaussian_features(40, 200, seed=4), gaussian_features(300, 200, seed=5, shift=0.1)
+    (mu1, s1), (mu2, s2) = stats_of(a), stats_of(b)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(subset_fid(a, mu2, s2), rel=1e-12)
+    # and the symmetric route is symmetric in its arguments although it takes the root of only one
+    assert trace_sqrt_product(s1, s2) == pytest.approx(trace_sqrt_product(s2, s1), rel=1e-12)
+
+
+def test_dimension_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="different dimensions"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------- statistics files
+
+def test_statistics_files_go_both_ways_with_pytorch_fid(tmp_path):
+    import_references()
+    from pytorch_fid.fid_score import compute_statistics_of_path
+
+    mu, sigma = stats_of(gaussian_features(100, 16, seed=6))
+    ours = tmp_path / "ours.npz"
+    save_stats(ours, mu, sigma, 100, "test features")
+    m, s = compute_statistics_of_path(str(ours), None, 1, 16, "cpu")              # pytorch-fid reads ours
+    assert np.array_equal(m, mu) and np.array_equal(s, sigma)
+    theirs = tmp_path / "theirs.npz"
+    np.savez_compressed(theirs, mu=mu, sigma=sigma)                               # pytorch-fid's save_fid_stats
+    m, s, n, described = load_stats(theirs)                                       # we read theirs
+    assert np.array_equal(m, mu) and np.array_equal(s, sigma) and n is None and described is None
+    assert load_stats(ours)[2:] == (100, "test features")
+    with pytest.raises(ValueError, match="never overwritten"):
+        save_stats(ours, mu, sigma, 100, "test features")
+    np.savez(tmp_path / "other.npz", x=np.zeros(2))
+    with pytest.raises(ValueError, match="no 'mu' and 'sigma'"):
+        load_stats(tmp_path / "other.npz")
+
+
+# ---------------------------------------------------------------- the command line
+
+def write_images(folder, n, size=32, seed=0, mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    images = render_dataset(n, size, seed=seed, progress=False)[0]
+    for i, image in enumerate(images):
+        Image.fromarray(image).convert(mode).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    """A shapes classifier checkpoint with random weights: features differ between images, nothing trains."""
+    torch.manual_seed(0)
+    cfg = ClassifierConfig()
+    path = tmp_path_factory.mktemp("classifier") / "ckpt.pt"
+    save_checkpoint(path, {"kind": "shapes_classifier", "config": {"model": config_to_dict(cfg)},
+                           "model": ShapesClassifier(cfg).state_dict()})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_images(root / "a", 12, seed=1), write_images(root / "b", 10, seed=2)
+
+
+def test_cli_inception_statistics_equal_pytorch_fid(tmp_path, monkeypatch, capsys):
+    """End to end on a folder: our --save-stats with the Inception (random weights, given through
+    FID_INCEPTION_WEIGHTS) against pytorch-fid's compute_statistics_of_path with its own InceptionV3 holding the
+    same weights; then FID, KID, IS and precision/recall of the folders through the command line."""
+    model = random_inception()
+    weights = tmp_path / "inception.pth"
+    torch.save(model.state_dict(), weights)
+    monkeypatch.setenv("FID_INCEPTION_WEIGHTS", str(weights))
+    a, b = write_images(tmp_path / "a", 10, seed=1), write_images(tmp_path / "b", 4, seed=2)
+    fid_cli.main(["--save-stats", str(a), str(tmp_path / "a.npz"), "--batch-size", "4", "--no-progress"])
+    mu, sigma, n, described = load_stats(tmp_path / "a.npz")
+    assert n == 10 and described == "Inception pool3 (2048-d, pytorch-fid preprocessing)"
+
+    import_references()
+    from pytorch_fid.fid_score import compute_statistics_of_path
+
+    m, s = compute_statistics_of_path(str(a), pytorch_fid_twin(model), 4, 2048, "cpu", num_workers=0)
+    scale = np.abs(s).max()
+    assert np.abs(mu - m).max() < 1e-5 * np.abs(m).max() and np.abs(sigma - s).max() < 1e-5 * scale
+
+    capsys.readouterr()
+    fid_cli.main([str(a), str(b), "--kid", "--kid-subset-size", "4", "--kid-subsets", "3", "--isc", "--prc",
+                  "--batch-size", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    for line in ("FID: ", "KID: ", "IS: ", "precision: "):
+        assert line in out and "Inception pool3 (2048-d, pytorch-fid preprocessing)" in out
+    assert "NOT comparable" not in out
+    capsys.readouterr()
+    fid_cli.main([str(tmp_path / "a.npz"), str(b), "--batch-size", "8", "--no-progress"])  # a file and a folder
+    via_file = float(capsys.readouterr().out.split()[1])
+    assert via_file == pytest.approx(float(out.split()[1]), rel=1e-9)
+
+
+def test_cli_classifier_features_offline(folders, classifier_ckpt, tmp_path, capsys):
+    """--features <checkpoint>: FID of a folder with itself is 0; statistics files work the same way; every
+    figure says it is not comparable with published FIDs."""
+    a, b = folders
+    fid_cli.main([str(a), str(a), "--features", classifier_ckpt, "--no-progress"])
+    out = capsys.readouterr().out
+    assert abs(float(out.split()[1])) < 1e-8 and "NOT comparable with published FIDs" in out
+    fid_cli.main(["--save-stats", str(b), str(tmp_path / "b.npz"), "--features", classifier_ckpt, "--no-progress"])
+    assert "NOT comparable" in capsys.readouterr().out
+    fid_cli.main([str(a), str(b), "--features", classifier_ckpt, "--kid", "--kid-subset-size", "5", "--prc",
+                  "--fid-infinity", "--fid-infinity-points", "3", "--plot", str(tmp_path / "fid_n.png"),
+                  "--no-progress"])
+    out = capsys.readouterr().out
+    figures = [line for line in out.splitlines() if line.split(":")[0] in ("FID", "KID", "FID-infinity", "precision")]
+    assert len(figures) == 4 and all("NOT comparable with published FIDs" in line for line in figures)
+    assert (tmp_path / "fid_n.png").stat().st_size > 1000
+    fid_cli.main([str(a), str(tmp_path / "b.npz"), "--features", classifier_ckpt, "--no-progress"])
+    assert capsys.readouterr().out.split()[1] == out.split()[1]  # the file gives B's exact statistics
+
+
+def test_python_m_metrics_fid_runs(folders, classifier_ckpt):
+    a, b = folders
+    run = subprocess.run([sys.executable, "-m", "metrics.fid", str(a), str(b), "--features", classifier_ckpt],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("FID: ") and "img" in run.stderr  # the figure, and a progress bar
+    bad = subprocess.run([sys.executable, "-m", "metrics.fid", str(a), str(a / "000.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
+def test_cli_errors_are_one_line(folders, classifier_ckpt, tmp_path, capsys, monkeypatch):
+    a, b = folders
+    feats = ["--features", classifier_ckpt, "--no-progress"]
+    one = write_images(tmp_path / "one", 1)
+    assert "at least 2" in cli_error(fid_cli.main, [str(one), str(b), *feats], capsys)
+    junk = write_images(tmp_path / "junk", 3)
+    (junk / "notes.txt").write_text("hello")
+    (junk / "metadata.jsonl").write_text("{}\n")  # an imagefolder's captions are skipped, not an error
+    assert "not images (e.g. notes.txt)" in cli_error(fid_cli.main, [str(junk), str(b), *feats], capsys)
+    mixed = write_images(tmp_path / "mixed", 3)
+    write_images(tmp_path / "mixed_big", 1, size=48)
+    (tmp_path / "mixed_big" / "000.png").rename(mixed / "big.png")
+    assert "mixed sizes" in cli_error(fid_cli.main, [str(mixed), str(b), *feats], capsys)
+    grey = write_images(tmp_path / "grey", 3, mode="L")
+    assert "greyscale" in cli_error(fid_cli.main, [str(grey), str(b), *feats], capsys)
+    broken = write_images(tmp_path / "broken", 3)
+    (broken / "001.png").write_bytes(b"not a png")
+    assert "cannot read image" in cli_error(fid_cli.main, [str(broken), str(b), *feats], capsys)
+    assert "neither an image folder" in cli_error(fid_cli.main, [str(tmp_path / "nope"), str(b), *feats], capsys)
+    fid_cli.main(["--save-stats", str(a), str(tmp_path / "a.npz"), *feats])
+    assert "exists" in cli_error(fid_cli.main, ["--save-stats", str(a), str(tmp_path / "a.npz"), *feats], capsys)
+    assert "need the images" in cli_error(fid_cli.main, [str(tmp_path / "a.npz"), str(b), "--kid", *feats], capsys)
+    assert "Inception Score needs" in cli_error(fid_cli.main, [str(a), str(b), "--isc", *feats], capsys)
+    np.savez(tmp_path / "pfid.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # pytorch-fid's: Inception assumed
+    assert "different feature networks" in cli_error(fid_cli.main, [str(a), str(tmp_path / "pfid.npz"), *feats],
+                                                     capsys)
+    assert "nor an existing checkpoint" in cli_error(fid_cli.main, [str(a), str(b), "--features", "x.pt"], capsys)
+    monkeypatch.delenv("FID_INCEPTION_WEIGHTS", raising=False)
+    assert "FID_INCEPTION_WEIGHTS" in cli_error(fid_cli.main, [str(a), str(b)], capsys)
+    assert "--plot draws" in cli_error(fid_cli.main, [str(a), str(b), "--plot", "x.png", *feats], capsys)
+
+
+# ---------------------------------------------------------------- FID at N -> infinity
+
+@pytest.mark.parametrize("n", [30, 80])  # the N x N route (N < D) and the D x D route
+def test_subset_fid_equals_frechet_distance(n):
+    a, b = gaussian_features(n, 48, seed=7), gaussian_features(200, 48, seed=8, shift=0.3)
+    mu_b, s_b = stats_of(b)
+    expected = frechet_distance(*stats_of(a), mu_b, s_b)
+    assert subset_fid(a, mu_b, s_b) == pytest.approx(expected, rel=1e-10)
+    assert subset_fid(a, mu_b, s_b, root_factor(s_b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_infinity_removes_the_bias_of_small_n(tmp_path):
+    """Two samples of one Gaussian: every FID_N is clearly > 0 (the bias), the extrapolation to 1/N = 0 is
+    ~0; with a mean shift, FID_inf recovers the true squared distance of the means."""
+    D, shift = 16, 0.5
+    a = gaussian_features(4000, D, seed=9)
+    mu_b, s_b = stats_of(gaussian_features(40000, D, seed=10))
+    fit = fid_infinity(a, mu_b, s_b, points=8, seed=0, min_n=400)
+    assert min(fit["fid"]) > 0.01 and abs(fit["fid_infinity"]) < 0.15 * min(fit["fid"])
+    shifted = fid_infinity(a + shift, mu_b, s_b, points=8, seed=0, min_n=400)
+    assert shifted["fid_infinity"] == pytest.approx(D * shift ** 2, rel=0.05)
+    assert fit["n"] == sorted(fit["n"]) and fit["n"][0] == 400 and fit["n"][-1] == 4000
+    plot_fid_against_n({"same": fit, "shifted": shifted}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_docs_figure_command_runs(classifier_ckpt, tmp_path, capsys):
+    fid_infinity_cli.main(["--features", classifier_ckpt, "--n", "120", "--n-ref", "200", "--points", "4",
+                           "--out", str(tmp_path / "fig.png")])
+    out = capsys.readouterr().out
+    assert out.count("FID-infinity") == 2 and "NOT comparable" in out and (tmp_path / "fig.png").is_file()
