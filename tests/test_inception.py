@@ -29,6 +29,7 @@ def import_references():
     import pytorch_fid.inception
     import torch_fidelity.feature_extractor_inceptionv3
     import torch_fidelity.interpolate_compat_tensorflow
+    import torch_fidelity.utils
     return pytorch_fid.inception, torch_fidelity
 
 
@@ -106,12 +107,18 @@ def pytorch_fid_twin(model):
 
 
 def torch_fidelity_twin(model, tmp_path):
-    """torch-fidelity's extractor reading `model`'s weights from a file, as it reads the published one."""
+    """torch-fidelity's extractor reading `model`'s weights from a file, as it reads the published one, made
+    the way its metrics make it: utils.create_feature_extractor, which also puts it in eval mode (in 0.3.0 the
+    FeatureExtractorInceptionV3 constructor does not, and in train mode its batch norms would normalise with
+    the statistics of the batch)."""
     _, tf = import_references()
     path = tmp_path / "weights.pth"
     torch.save(model.state_dict(), path)
-    return tf.feature_extractor_inceptionv3.FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048", "logits_unbiased", "logits"], feature_extractor_weights_path=str(path))
+    twin = tf.utils.create_feature_extractor("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
+                                             cuda=False, verbose=False,
+                                             feature_extractor_weights_path=str(path))
+    assert not twin.training
+    return twin
 
 
 def assert_features_close(a, b, tol=1e-5):
