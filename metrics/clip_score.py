@@ -66,6 +66,8 @@ def main(argv=None):
         raise ValueError(f"{args.out} exists; choose another --out or remove it (nothing was overwritten)")
     device = get_device(args.device)
     model, tokenizer, cfg = load_clip(args.clip, device)
+    import datasets
+    datasets.disable_progress_bars()  # its "Generating train split" bar would precede a one-line error on stderr
     data = load_data(DataConfig(dataset=f"folder:{args.images}", resolution=cfg.vision.image_size, num_images=0),
                      progress=False)
     captions = list(data.captions)

@@ -142,6 +142,9 @@ def test_diffusion_conditioned_on_frozen_clip(clip_ckpt, tmp_path, capsys):
     clip_weights = load_checkpoint(clip_ckpt, "clip")["model"]
     frozen = {k[len("text_encoder.encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("text_encoder.")}
     assert frozen and all(torch.equal(v, clip_weights[k]) for k, v in frozen.items())  # stored and unchanged
+    ema = {k[len("text_encoder.encoder."):]: v for k, v in ckpt["ema"]["weights"].items()
+           if k.startswith("text_encoder.")}
+    assert ema.keys() == frozen.keys() and all(torch.equal(v, clip_weights[k]) for k, v in ema.items())  # EMA too
     assert ckpt["tokenizer"] == load_checkpoint(clip_ckpt, "clip")["tokenizer"]
     # the cache gives what the encoder computes
     model, tokenizer, _, _, _ = load_text2image(ckpt, "cpu")

@@ -1,6 +1,7 @@
 """CLIP score: our torchmetrics-convention figure equals torchmetrics' own computation (its update function fed
 with our CLIP through its model/processor interface), CLIP-S is Hessel et al.'s per-sample clamp, and the command
-line reads a `python -m sample` folder, tells true from shuffled pairs, and rejects bad input in one line."""
+line reads a `python -m sample` folder (or one `python -m train.shapes --export` writes), tells true from shuffled
+pairs, and rejects bad input (missing folder, no metadata, empty caption, wrong checkpoint kind) in one line."""
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from tests.test_train_diffusion import cli_error
 from train.clip import embed_images, embed_texts
 from train.common import save_checkpoint
 from train.config import config_to_dict
+from train import shapes
 from train.shapes import render_dataset
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a small green triangle", "two yellow stars"]
@@ -121,3 +123,37 @@ def test_command_line_true_vs_shuffled_and_bad_input(tiny_clip, tmp_path, capsys
     err = cli_error(clip_score.main, ["--clip", str(ckpt), "--images", str(tmp_path / "imgs"),
                                       "--out", str(tmp_path / "true.json")], capsys)
     assert "exists" in err and (tmp_path / "true.json").read_text() == before
+
+
+def test_shapes_export_is_a_folder_that_clip_score_reads(tiny_clip, tmp_path, capsys):
+    _, _, ckpt = tiny_clip
+    folder = tmp_path / "renders"
+    shapes.main(["--export", str(folder), "--num-images", "5", "--resolution", "16", "--seed", "4"])
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    images, captions, _ = render_dataset(5, 16, seed=4, progress=False)
+    assert [r["text"] for r in rows] == captions and [r["file_name"] for r in rows] == [f"{i:04d}.png" for i in range(5)]
+    assert all(np.array_equal(np.array(Image.open(folder / r["file_name"])), images[i]) for i, r in enumerate(rows))
+    clip_score.main(["--clip", str(ckpt), "--images", str(folder), "--device", "cpu"])
+    assert "CLIP score of 5 images" in capsys.readouterr().out
+    err = cli_error(shapes.main, ["--export", str(folder), "--num-images", "2", "--resolution", "16"], capsys)
+    assert "exists and is not empty" in err and len(list(folder.iterdir())) == 6  # nothing overwritten
+
+
+def test_bad_input_is_one_line(tiny_clip, tmp_path, capsys):
+    model, tokenizer, ckpt = tiny_clip
+    images, captions, _ = render_dataset(3, 16, seed=5, progress=False)
+    run = ["--clip", str(ckpt), "--device", "cpu", "--images"]
+    err = cli_error(clip_score.main, run + [str(tmp_path / "nowhere")], capsys)
+    assert "image folder" in err and "does not exist" in err
+    (tmp_path / "bare").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "bare" / "0000.png")
+    err = cli_error(clip_score.main, run + [str(tmp_path / "bare")], capsys)
+    assert "has no metadata.jsonl or metadata.csv" in err
+    write_folder(tmp_path / "blank", images, [captions[0], "  ", captions[2]])
+    err = cli_error(clip_score.main, run + [str(tmp_path / "blank")], capsys)
+    assert "empty caption for image 1" in err
+    write_folder(tmp_path / "ok", images, captions)
+    lm = tmp_path / "lm.pt"
+    save_checkpoint(lm, {"kind": "text_lm", "config": {}, "model": {}, "tokenizer": tokenizer.state_dict()})
+    err = cli_error(clip_score.main, ["--clip", str(lm), "--images", str(tmp_path / "ok")], capsys)
+    assert "holds a 'text_lm' checkpoint but a 'clip' checkpoint is needed" in err

@@ -99,6 +99,8 @@ def test_diffusion_conditioned_on_frozen_lm_and_bad_text_encoder_values(lm_ckpt,
     sample_cli.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "a red circle", "--n", "1", "--steps", "2",
                      "--device", "cpu", "--out", str(tmp_path / "s.png")])
     capsys.readouterr()
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={out}", "train.resume=auto"], capsys)  # joint now
+    assert "cannot resume" in err and "another model/data config" in err
     run = TINY + [f"train.out_dir={tmp_path / 'x'}"]
     assert "text_encoder must be joint, clip:<ckpt> or lm:<ckpt>" in cli_error(
         diffusion.main, run + ["text_encoder=t5:foo"], capsys)

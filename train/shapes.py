@@ -22,6 +22,9 @@ Each item comes with its attributes, a plain dict:
 
     from train.shapes import make_item, render_dataset, eval_prompts
     image, caption, attrs = make_item(seed=0, index=7, resolution=32)   # (32, 32, 3) uint8, str, dict
+
+As an image folder (PNGs + metadata.jsonl, the layout `python -m sample` writes and metrics/*.py read):
+    python -m train.shapes --export runs/shapes_eval --num-images 1000 --seed 7
 """
 import math
 
@@ -347,3 +350,46 @@ def eval_prompts(split="train", max_objects=1, per_kind=8, seed=0):
                 c, s = pairs[rng.integers(len(pairs))]
                 captions.append(f"{NUMBER_WORDS[n]} {c} {PLURALS[s]}")
     return [(caption, parse_caption(caption)) for caption in captions]
+
+
+# ---------------------------------------------------------------- export as an image folder
+
+def export_folder(out_dir, num_images, resolution, seed=0, split="train", max_objects=1):
+    """Write items 0..num_images-1 as out_dir/0000.png, ... and out_dir/metadata.jsonl (file_name, text): a
+    Hugging Face `imagefolder`, like the folder `python -m sample` writes. Refuses a non-empty out_dir."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} exists and is not empty; choose another --export folder (nothing was written)")
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    images, captions, _ = render_dataset(num_images, resolution, seed, split, max_objects)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metadata.jsonl", "w") as meta:
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            Image.fromarray(image).save(out_dir / f"{i:04d}.png")
+            meta.write(json.dumps({"file_name": f"{i:04d}.png", "text": caption}) + "\n")
+    print(f"wrote {num_images} {resolution} px shapes renders (seed {seed}, split {split}, max_objects "
+          f"{max_objects}) and metadata.jsonl to {out_dir}/")
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export built-in shapes renders as an image folder with metadata.jsonl.")
+    p.add_argument("--export", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--seed", type=int, default=7, help="rendering seed (training uses data.seed=0 by default)")
+    p.add_argument("--split", default="train", choices=sorted(SPLIT_PAIRS))
+    p.add_argument("--max-objects", type=int, default=1)
+    args = p.parse_args(argv)
+    export_folder(args.export, args.num_images, args.resolution, args.seed, args.split, args.max_objects)
+
+
+if __name__ == "__main__":
+    from train.common import run_cli
+
+    run_cli(main)
