@@ -2,7 +2,9 @@
 numpy.cov; the Frechet distance equals the closed form between Gaussians, is 0 for a set with itself, and
 equals pytorch-fid's scipy.linalg.sqrtm route (also for N < D); statistics files go both ways between
 pytorch-fid and us; the command line end to end (Inception with random weights against pytorch-fid's own
-pipeline, the classifier features offline) and its one-line errors; FID-infinity's subsets and fit."""
+pipeline, the classifier features offline) and its one-line errors; FID-infinity's subsets and fit; KID and
+the Inception Score against torch-fidelity and their identities; precision/recall against the paper's
+definition evaluated literally and by hand."""
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,9 @@ from metrics import fid_infinity as fid_infinity_cli
 from metrics.fid import (RunningStats, frechet_distance, load_stats, root_factor, save_stats, stats_of,
                          trace_sqrt_product)
 from metrics.fid_infinity import fid_infinity, plot_fid_against_n, subset_fid
+from metrics.inception_score import inception_score
+from metrics.kid import kernel_inception_distance, polynomial_kernel
+from metrics import precision_recall as prc
 from models.classifier import ClassifierConfig, ShapesClassifier
 from tests.test_inception import import_references, pytorch_fid_twin, random_inception
 from tests.test_train_diffusion import cli_error
@@ -315,3 +320,156 @@ def test_docs_figure_command_runs(classifier_ckpt, tmp_path, capsys):
                            "--out", str(tmp_path / "fig.png")])
     out = capsys.readouterr().out
     assert out.count("FID-infinity") == 2 and "NOT comparable" in out and (tmp_path / "fig.png").is_file()
+
+
+# ---------------------------------------------------------------- KID
+
+def kid_features(seed):
+    """Two sets of pool3-like features: non-negative, D = 32, B shifted so that KID is clearly > 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(70, 32, generator=g, dtype=torch.float64) + 0.5)
+    y = torch.relu(torch.randn(60, 32, generator=g, dtype=torch.float64) + 0.8)
+    return x, y
+
+
+def test_kid_equals_torch_fidelity():
+    """torch-fidelity's kid_features_to_metric (Binkowski et al.'s mmd2 code) on the same float64 features,
+    the same seed and so the same subsets: mean and std equal to 1e-12."""
+    _, tf = import_references()
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    x, y = kid_features(0)
+    mean, std = kernel_inception_distance(x, y, subsets=7, subset_size=25, seed=2020)
+    theirs = kid_features_to_metric(x, y, kid_subsets=7, kid_subset_size=25, rng_seed=2020, verbose=False)
+    assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-12)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-12)
+    assert mean > 10 * std / 7 ** 0.5 and std > 0  # a clearly non-zero figure from subsets that differ
+
+
+def cubic_feature_map(x, gamma):
+    """phi(x) with phi(x) . phi(y) = (gamma x . y + 1)^3 = sum_j C(3, j) gamma^j (x . y)^j and
+    (x . y)^j = <x^(tensor j), y^(tensor j)>: the tensor powers of x, scaled, side by side. (m, D) -> (m, ...)"""
+    m = x.shape[0]
+    x2 = torch.einsum("ma,mb->mab", x, x).reshape(m, -1)                          # (m, D^2)
+    x3 = torch.einsum("ma,mb,mc->mabc", x, x, x).reshape(m, -1)                   # (m, D^3)
+    ones = torch.ones(m, 1, dtype=x.dtype)
+    return torch.cat([ones, (3 * gamma) ** 0.5 * x, (3 * gamma ** 2) ** 0.5 * x2, gamma ** 1.5 * x3], 1)
+
+
+def test_kid_is_the_unbiased_mmd_of_mean_embeddings():
+    """Gretton et al. 2012 Lemma 6 written with the explicit feature map of the cubic kernel: with
+    s_X = sum_i phi(x_i), MMD^2_u = (|s_X|^2 - sum_i |phi(x_i)|^2) / (m (m - 1)) + (same for Y)
+    - 2 s_X . s_Y / m^2. One subset holding every image (m = N): no sampling left."""
+    x, y = kid_features(1)
+    x, y = x[:20, :6], y[:20, :6]                                                 # D = 6: phi has 259 entries
+    gamma = 1 / 6
+    assert torch.allclose(cubic_feature_map(x, gamma) @ cubic_feature_map(y, gamma).T, polynomial_kernel(x, y),
+                          rtol=1e-12, atol=0)
+    fx, fy = cubic_feature_map(x, gamma), cubic_feature_map(y, gamma)
+    m = 20
+    within = lambda f: (f.sum(0) @ f.sum(0) - (f * f).sum()) / (m * (m - 1))
+    expected = (within(fx) + within(fy) - 2 * fx.sum(0) @ fy.sum(0) / m ** 2).item()
+    mean, std = kernel_inception_distance(x, y, subsets=1, subset_size=m)
+    assert mean == pytest.approx(expected, rel=1e-10) and std == 0
+
+
+def test_kid_is_unbiased_for_one_distribution():
+    """Two samples of one distribution: the expectation of MMD^2_u is 0 at any subset size (the point of
+    KID, Binkowski Sec. 3), so over 400 subsets of m = 20 the mean is within 5 standard errors of 0 (over 60
+    seeds: 0.004 +- 0.028, the standard error 0.027). The biased estimator (the diagonals kept) is ~2.4 here,
+    80 standard errors away."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 16, generator=g, dtype=torch.float64) + 1
+    y = torch.randn(5000, 16, generator=g, dtype=torch.float64) + 1
+    subsets, m = 400, 20
+    mean, std = kernel_inception_distance(x, y, subsets, m, seed=0)
+    standard_error = std / subsets ** 0.5
+    assert abs(mean) < 5 * standard_error
+    xs, ys = x[:m], y[:m]
+    biased = polynomial_kernel(xs, xs).mean() + polynomial_kernel(ys, ys).mean() - 2 * polynomial_kernel(xs, ys).mean()
+    assert biased > 40 * standard_error
+
+
+def test_kid_errors():
+    x, y = kid_features(2)
+    with pytest.raises(ValueError, match="subset size"):
+        kernel_inception_distance(x, y, subsets=2, subset_size=61)
+    with pytest.raises(ValueError, match="dimension"):
+        kernel_inception_distance(x, y[:, :5], subsets=2, subset_size=10)
+
+
+# ---------------------------------------------------------------- Inception Score
+
+def test_inception_score_equals_torch_fidelity():
+    """torch-fidelity's isc_features_to_metric (10 splits, its RandomState(2020) shuffle) on the same logits."""
+    _, tf = import_references()
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = torch.randn(205, 1008, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    mean, std = inception_score(logits, splits=10, shuffle_seed=2020)
+    assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(theirs["inception_score_std"], rel=1e-12)
+    unshuffled = isc_features_to_metric(logits, splits=10, shuffle=False)
+    assert inception_score(logits, splits=10)[0] == pytest.approx(unshuffled["inception_score_mean"], rel=1e-12)
+    assert mean > 1.5 and std > 0
+
+
+def test_inception_score_bounds():
+    """Salimans Sec. 4 at its two ends: every image with the same class distribution gives exp(KL = 0) = 1;
+    every image certain of its class, the K classes equally often in each split, gives exp(log K) = K."""
+    K = 7
+    same = torch.randn(1, K, dtype=torch.float64).repeat(70, 1)
+    assert inception_score(same, splits=10) == (pytest.approx(1.0, abs=1e-12), pytest.approx(0.0, abs=1e-12))
+    certain = 100.0 * torch.eye(K, dtype=torch.float64).repeat(10, 1)           # (70, K): split i holds all K
+    mean, std = inception_score(certain, splits=10)
+    assert mean == pytest.approx(K, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 10"):
+        inception_score(certain[:9], splits=10)
+
+
+# ---------------------------------------------------------------- precision and recall
+
+def literal_precision_recall(generated, real, k=3):
+    """Kynkaanniemi Eq. 1-2 word for word, in Python floats: the radius of phi' is its distance to the k-th
+    nearest *other* vector of its set; phi is inside if within (<=) the radius of at least one phi'."""
+    def radii(points):
+        out = []
+        for i, p in enumerate(points):
+            others = sorted(float(torch.dist(p, q)) for j, q in enumerate(points) if j != i)
+            out.append(others[k - 1])
+        return out
+
+    def fraction_inside(queries, support):
+        r = radii(support)
+        inside = [any(float(torch.dist(q, s)) <= r_s for s, r_s in zip(support, r)) for q in queries]
+        return sum(inside) / len(inside)
+
+    return fraction_inside(generated, real), fraction_inside(real, generated)
+
+
+def test_precision_recall_equals_the_definition(monkeypatch):
+    """Two partly overlapping clouds of different spread, rows split into blocks of 7 (the blocked code path)."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    generated = 0.5 * torch.randn(30, 5, generator=g, dtype=torch.float64) + 0.8
+    expected = literal_precision_recall(generated, real)
+    monkeypatch.setattr(prc, "BLOCK", 7)
+    assert prc.precision_recall(generated, real, k=3) == pytest.approx(expected, abs=1e-12)
+    assert 0.1 < expected[0] < 0.95 and 0.1 < expected[1] < 0.95                  # neither 0 nor 1: informative
+
+
+def test_precision_recall_by_hand():
+    """1-D, k = 3. Real 0, 1, 2, 3, 4: radii (4th smallest distance, the first being 0 to itself) 3, 2, 2, 2,
+    3, so the real manifold is [-3, 7]; generated -3 (on the boundary: counts), 6.9, 7.5, 10, -3.5 gives
+    precision 2/5. Generated radii: -3.5 -> 11, -3 -> 10.5, 6.9 -> 10.4, 7.5 -> 11, 10 -> 13.5: every real
+    point is covered, recall 1. A set with itself: 1 and 1."""
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0]], dtype=torch.float64)
+    generated = torch.tensor([[-3.0], [6.9], [7.5], [10.0], [-3.5]], dtype=torch.float64)
+    assert torch.equal(prc.knn_radii(real, 3), torch.tensor([3.0, 2, 2, 2, 3], dtype=torch.float64))
+    assert prc.precision_recall(generated, real, k=3) == (pytest.approx(0.4), 1.0)
+    assert prc.precision_recall(real, real, k=3) == (1.0, 1.0)
+    far = real + 100
+    assert prc.precision_recall(far, real, k=3) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="more than 3"):
+        prc.precision_recall(real[:3], real, k=3)
