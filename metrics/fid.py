@@ -21,10 +21,11 @@ How the numbers are computed:
   batch with Chan et al.'s pairwise update (memory D^2 whatever N), equal to numpy.cov over all features.
 - Tr (S_1 S_2)^(1/2): S_1 S_2 is not symmetric, but it is similar to M = S_1^(1/2) S_2 S_1^(1/2), which is
   symmetric positive semi-definite (M = A^T A with A = S_2^(1/2) S_1^(1/2)); so Tr (S_1 S_2)^(1/2) =
-  sum_i sqrt(lambda_i(M)), with S_1^(1/2) from one symmetric eigendecomposition and lambda(M) from a second,
-  eigenvalues-only one (trace_sqrt_product). pytorch-fid's scipy.linalg.sqrtm (a Schur decomposition of the non-symmetric S_1 S_2)
-  gives the same figure (tests: to 1e-6 relative, also for N < D) several times slower, and never a
-  complex number or a NaN for singular covariances.
+  sum_i sqrt(lambda_i(M)), from one eigenvalues-only symmetric eigendecomposition of M rotated into F^T S_2 F,
+  where F F^T = S_1 is Cholesky's factor or, for a singular S_1 (N <= D), the eigen factor V diag(sqrt w)
+  (trace_sqrt_product). pytorch-fid's scipy.linalg.sqrtm (a Schur decomposition of the non-symmetric
+  S_1 S_2) gives the same figure (tests: to 1e-6 relative, also for N < D) ~7x slower at D = 2048
+  (tests/bench_fid.py), and sometimes a complex number for singular covariances; this never does.
 - Statistics files: pytorch-fid's layout (`mu`, `sigma`, float64), plus `n` and `features` (which network
   made them); either program reads the other's files.
 
@@ -93,23 +94,41 @@ def psd_eigenvalues(lam):
     A singular covariance (N <= D) has exact zeros that come out as +-1e-16 ||S||; their square roots
     (1e-8 sqrt||S|| each, D - N of them) would bias the trace. The floor is numpy.linalg.matrix_rank's:
     max|lam| * D * eps."""
+    if lam.numel() == 0:
+        return lam
     floor = lam.abs().max() * lam.shape[0] * torch.finfo(lam.dtype).eps
     return torch.where(lam > floor, lam, torch.zeros_like(lam))
 
 
 def root_factor(sigma):
-    """P = V diag(sqrt(w)) from S = V diag(w) V^T (symmetric PSD, (D, D)), so S = P P^T and S^(1/2) = P V^T."""
+    """P = V_+ diag(sqrt(w_+)) from S = V diag(w) V^T (symmetric PSD, (D, D)), keeping the r eigenvalues
+    above the rounding floor: S = P P^T (D, r) and S^(1/2) = P V_+^T."""
     w, V = torch.linalg.eigh(symmetric(sigma))                # (D,), (D, D)
-    return V * psd_eigenvalues(w).sqrt()                      # (D, D): column i scaled by sqrt(w_i)
+    keep = psd_eigenvalues(w) > 0                             # (D,) bool, r of them True
+    return V[:, keep] * w[keep].sqrt()                        # (D, r): column i scaled by sqrt(w_i)
+
+
+def sqrt_factor(sigma):
+    """Some F (D, r) with F F^T = S (symmetric PSD (D, D)). Positive definite S (N > D, the usual case):
+    Cholesky's lower-triangular L, D^3/3 flops. Singular S (N <= D, or features that are constant or
+    linearly dependent): Cholesky fails and the eigen factor root_factor is used, ~10x the flops."""
+    S = symmetric(sigma)
+    L, info = torch.linalg.cholesky_ex(S)
+    return L if info.item() == 0 else root_factor(S)
 
 
 def trace_sqrt_product(sigma1, sigma2):
-    """Tr (S_1 S_2)^(1/2) = sum_i sqrt(lambda_i(S_1^(1/2) S_2 S_1^(1/2))). With S_1^(1/2) = P V^T,
-    S_1^(1/2) S_2 S_1^(1/2) = V (P^T S_2 P) V^T has the eigenvalues of P^T S_2 P, so the root itself is never
-    formed: one eigendecomposition with vectors (S_1), two products, one without vectors (P^T S_2 P)."""
-    P = root_factor(sigma1)                                   # (D, D)
-    M = P.T @ symmetric(sigma2) @ P                           # (D, D) symmetric PSD
-    lam = psd_eigenvalues(torch.linalg.eigvalsh(symmetric(M)))  # (D,)
+    """Tr (S_1 S_2)^(1/2) = sum_i sqrt(lambda_i(S_1^(1/2) S_2 S_1^(1/2))), the symmetric eigen route: S_1 S_2
+    is similar to S_1^(1/2) S_2 S_1^(1/2), which is symmetric PSD. Any factor S_1 = F F^T gives that matrix's
+    non-zero eigenvalues without forming the root: F = S_1^(1/2) U with U^T U = I (U = S_1^(-1/2) L for
+    Cholesky's L; U = V_+ for the eigen factor), so M = F^T S_2 F = U^T (S_1^(1/2) S_2 S_1^(1/2)) U.
+    Cost for D = 2048: one Cholesky, two products, one eigenvalues-only eigh (eigh with vectors for singular
+    S_1, three times the time)."""
+    F = sqrt_factor(sigma1)                                   # (D, r)
+    if F.shape[1] == 0:                                       # S_1 = 0: a set of identical images
+        return 0.0
+    M = F.T @ symmetric(sigma2) @ F                           # (r, r) symmetric PSD
+    lam = psd_eigenvalues(torch.linalg.eigvalsh(symmetric(M)))  # (r,)
     return lam.sqrt().sum().item()
 
 

@@ -24,14 +24,14 @@ import argparse
 import numpy as np
 import torch
 
-from metrics.fid import psd_eigenvalues, root_factor, stats_of, symmetric
+from metrics.fid import psd_eigenvalues, sqrt_factor, stats_of, symmetric
 from train.common import run_cli
 
 
 def subset_fid(features, mu_b, sigma_b, factor_b=None):
     """FID of the features (n, D) against B's mean (D,) and covariance (D, D). For n < D the eigenvalues come
-    from the n x n matrix Z S_b Z^T; otherwise from P_b^T S_a P_b with S_b = P_b P_b^T (factor_b, computed
-    once by the caller: fid.root_factor)."""
+    from the n x n matrix Z S_b Z^T; otherwise from F_b^T S_a F_b with S_b = F_b F_b^T (factor_b (D, r),
+    computed once by the caller: fid.sqrt_factor)."""
     n, D = features.shape
     x = torch.as_tensor(features).to(torch.float64)
     mu_a = x.mean(dim=0)                                                          # (D,)
@@ -40,8 +40,8 @@ def subset_fid(features, mu_b, sigma_b, factor_b=None):
     if n < D:
         small = Z @ s_b @ Z.T                                                     # (n, n)
     else:
-        G = Z @ (root_factor(s_b) if factor_b is None else factor_b)              # (n, D)
-        small = G.T @ G                                                           # (D, D) = P_b^T S_a P_b
+        G = Z @ (sqrt_factor(s_b) if factor_b is None else factor_b)              # (n, r)
+        small = G.T @ G                                                           # (r, r) = F_b^T S_a F_b
     lam = psd_eigenvalues(torch.linalg.eigvalsh(symmetric(small)))                # those of S_b^1/2 S_a S_b^1/2
     diff = mu_a - torch.as_tensor(mu_b, dtype=torch.float64)
     return (diff @ diff + (Z * Z).sum() + s_b.trace() - 2 * lam.sqrt().sum()).item()  # Heusel Eq. 6
@@ -56,7 +56,7 @@ def fid_infinity(features_a, mu_b, sigma_b, points=15, seed=2020, min_n=None):
         raise ValueError(f"FID-infinity needs >= 2 subset sizes between 2 and N - 1 = {N - 1} (got {points} from {min_n}); "
                          f"use more images")
     ns = sorted(set(np.linspace(min_n, N, points).astype(int).tolist()))
-    factor_b = root_factor(sigma_b) if ns[-1] >= features_a.shape[1] else None
+    factor_b = sqrt_factor(sigma_b) if ns[-1] >= features_a.shape[1] else None
     rng = np.random.RandomState(seed)
     fids = [subset_fid(features_a[torch.from_numpy(rng.choice(N, n, replace=False))], mu_b, sigma_b, factor_b)
             for n in ns]

@@ -4,11 +4,12 @@
     .venv/bin/python -m tests.bench_fid --part frechet --repeats 5
     .venv/bin/python -m tests.bench_fid --part inception --images 64 --batch 32
 
-1. The Frechet distance at D = 2048 from two (mu, sigma): ours (metrics/fid.py: two symmetric eigenproblems,
-   torch float64) against pytorch-fid's calculate_frechet_distance (scipy.linalg.sqrtm of S_1 S_2, a Schur
-   decomposition). The covariances come from 4096 synthetic feature vectors per side, relu(Z W) with a random
-   W, which gives a decaying spectrum and a non-zero mean like Inception's pool3. Prints both times (best of
-   --repeats, alternating) and the relative difference of the two distances.
+1. The Frechet distance at D = 2048 from two (mu, sigma): ours (metrics/fid.py: a factor F F^T = S_1, then the
+   eigenvalues of F^T S_2 F; torch float64) against pytorch-fid's calculate_frechet_distance (scipy.linalg.sqrtm
+   of S_1 S_2, a Schur decomposition). The covariances come from --n synthetic feature vectors per side,
+   relu(Z W) with a random W, which gives a decaying spectrum and a non-zero mean like Inception's pool3;
+   --n 4096 (> D) takes our Cholesky factor, --n 1000 (< D, singular covariances) our eigen factor. Prints
+   both times (best of --repeats, alternating) and the relative difference of the two distances.
 2. Inception feature extraction: ours (metrics/inception.py) against pytorch-fid's InceptionV3 with the same
    random weights (tests/test_inception.py proves them equal), on the same uint8 images, alternating batch by
    batch; images/s median and best, and the ratio ours/theirs (> 1: ours is faster). Both include the resize to
@@ -24,12 +25,16 @@ import time
 
 import torch
 
-from tests.test_inception import import_references
+from tests.reference_imports import make_torchvision_importable
+
+make_torchvision_importable()  # before anything imports pytorch-fid (and with it torchvision): see that file
+from tests.test_inception import import_references  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--part", choices=["frechet", "inception", "both"], default="both")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each Frechet distance")
 parser.add_argument("--dim", type=int, default=2048)
+parser.add_argument("--n", type=int, default=4096, help="feature vectors behind each covariance")
 parser.add_argument("--images", type=int, default=64, help="images for the Inception timing")
 parser.add_argument("--batch", type=int, default=32)
 parser.add_argument("--size", type=int, default=64, help="side of the test images (resized to 299 by both)")
@@ -55,7 +60,7 @@ if args.part in ("frechet", "both"):
 
     from metrics.fid import frechet_distance, stats_of
 
-    D, N = args.dim, 4096
+    D, N = args.dim, args.n
     g = torch.Generator().manual_seed(0)
     W = torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
     features = [torch.relu(torch.randn(N, D, generator=g, dtype=torch.float64) @ W + shift) for shift in (0.0, 0.1)]
@@ -67,7 +72,8 @@ if args.part in ("frechet", "both"):
     best = [min(t) for t in times]
     rel = abs(results["ours"] - results["scipy"]) / abs(results["scipy"])
     print(f"\nFrechet distance, D = {D}, covariances of {N} vectors each, best of {args.repeats}:")
-    print(f"  ours (eigh + eigvalsh, torch float64)  {best[0]:7.3f} s   FID {results['ours']:.10f}")
+    route = "Cholesky" if N > D else "eigen factor"
+    print(f"  ours ({route} + eigvalsh, torch float64){' ' * (13 - len(route))}{best[0]:7.3f} s   FID {results['ours']:.10f}")
     print(f"  pytorch-fid (scipy.linalg.sqrtm)       {best[1]:7.3f} s   FID {results['scipy']:.10f}")
     print(f"  ours is {best[1] / best[0]:.1f}x faster; relative difference {rel:.2e}")
 

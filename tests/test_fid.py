@@ -16,8 +16,8 @@ from PIL import Image
 
 from metrics import fid as fid_cli
 from metrics import fid_infinity as fid_infinity_cli
-from metrics.fid import (RunningStats, frechet_distance, load_stats, root_factor, save_stats, stats_of,
-                         trace_sqrt_product)
+from metrics.fid import (RunningStats, frechet_distance, load_stats, psd_eigenvalues, root_factor, save_stats,
+                         sqrt_factor, stats_of, trace_sqrt_product)
 from metrics.fid_infinity import fid_infinity, plot_fid_against_n, subset_fid
 from metrics.inception_score import inception_score
 from metrics.kid import kernel_inception_distance, polynomial_kernel
@@ -112,6 +112,24 @@ def test_singular_case_equals_the_gram_route():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(subset_fid(a, mu2, s2), rel=1e-12)
     # and the symmetric route is symmetric in its arguments although it takes the root of only one
     assert trace_sqrt_product(s1, s2) == pytest.approx(trace_sqrt_product(s2, s1), rel=1e-12)
+
+
+def test_cholesky_and_eigen_factors_give_the_same_trace():
+    """trace_sqrt_product takes Cholesky's factor of a positive definite S_1 and the eigen factor of a singular
+    one; any F with F F^T = S_1 must give the same Tr (S_1 S_2)^(1/2), so the two routes agree on one pair."""
+    (_, s1), (_, s2) = stats_of(gaussian_features(400, 96, seed=11)), stats_of(gaussian_features(300, 96, 12, 0.3))
+    L, P = sqrt_factor(s1), root_factor(s1)
+    assert torch.equal(L, L.tril()) and P.shape == (96, 96)                      # positive definite: Cholesky
+    for F in (L, P):
+        assert torch.allclose(F @ F.T, torch.from_numpy(s1), rtol=0, atol=1e-12 * np.abs(s1).max())
+    M = P.T @ torch.from_numpy(s2) @ P
+    by_eigen = psd_eigenvalues(torch.linalg.eigvalsh((M + M.T) / 2)).sqrt().sum().item()
+    assert trace_sqrt_product(s1, s2) == pytest.approx(by_eigen, rel=1e-12)
+    _, singular = stats_of(gaussian_features(30, 96, seed=13))                   # rank 29
+    F = sqrt_factor(singular)
+    assert F.shape == (96, 29) and torch.allclose(F @ F.T, torch.from_numpy(singular), rtol=0,
+                                                  atol=1e-12 * np.abs(singular).max())
+    assert trace_sqrt_product(np.zeros((4, 4)), np.eye(4)) == 0.0               # identical images: S_1 = 0
 
 
 def test_dimension_mismatch_is_an_error():
