@@ -271,7 +271,9 @@ def main(argv=None):
         print(f"FID-infinity: {fit['fid_infinity']:.6f}  (FID_N = {fit['fid_infinity']:.4f} + {fit['slope']:.1f} / N "
               f"fitted on {len(fit['n'])} subset sizes {fit['n'][0]}..{fit['n'][-1]} of A; {description})")
         if args.plot:
-            plot_fid_against_n(fit, args.plot, title=f"{a.name} vs {b.name}: {description}")
+            plot_fid_against_n({f"A = {a.name}, B = {b.name}": fit}, args.plot,
+                               title=f"FID of subsets of A ({count(sides[0])} images) against all of B "
+                                     f"({count(sides[1])}); features: {description}")
             print(f"wrote {args.plot}")
     if args.kid:
         from metrics.kid import kernel_inception_distance

@@ -12,14 +12,19 @@ spaced, as their code does), a least-squares line is fitted to FID_N against 1/N
 The reference set B keeps all its images throughout (their protocol, with B's statistics precomputed).
 
     python -m metrics.fid A B --fid-infinity --plot fid_against_n.png     # any two image folders
-    python -m metrics.fid_infinity --features runs/shapes_classifier/ckpt.pt --out docs/fid_against_n.png
-        # the figure in the docs: shapes renders, offline (classifier features, not comparable with papers)
+    python -m metrics.fid_infinity --features runs/shapes_classifier/ckpt.pt --out runs/fid_against_n.png
+        # two curves on built-in shapes renders held in memory: A from B's distribution (FID_inf ~ 0) and A
+        # of the held-out (colour, shape) pairs; offline (classifier features, not comparable with papers)
+
+The docs figure notebooks/figures/fid_against_n.png is the first command's plot on exported shapes renders
+(the commands are in the README).
 
 Fast subsets: for a subset of n < D images with centred features scaled by 1/sqrt(n - 1), Z (n, D), S_a = Z^T Z
 and S_b^(1/2) S_a S_b^(1/2) = G^T G with G = Z S_b^(1/2); its non-zero eigenvalues are those of
 G G^T = Z S_b Z^T (n, n): one small eigenvalue problem per subset, and no square root at all.
 """
 import argparse
+import textwrap
 
 import numpy as np
 import torch
@@ -73,19 +78,21 @@ def plot_fid_against_n(fits, path, title=""):
 
     fits = fits if "n" not in fits else {"A vs B": fits}
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    title = textwrap.fill(title, 95)
     for (label, fit), colour in zip(fits.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         inv_n = 1.0 / np.array(fit["n"])
         ax.plot(inv_n, fit["fid"], "o", color=colour, label=f"{label}: FID_N of subsets")
         line = np.linspace(0, inv_n.max(), 50)
         ax.plot(line, fit["fid_infinity"] + fit["slope"] * line, "-", color=colour, alpha=0.6,
-                label=f"fit: FID_inf = {fit['fid_infinity']:.3f}, slope {fit['slope']:.1f}")
+                label=f"fit: FID_inf = {fit['fid_infinity']:.4g}, slope {fit['slope']:.3g}")
         ax.plot([0], [fit["fid_infinity"]], "*", color=colour, markersize=12)
-    ax.set_xlim(left=0)
+    x_max = max(1.0 / min(fit["n"]) for fit in fits.values())
+    ax.set_xlim(-0.03 * x_max, 1.05 * x_max)                                    # room for the star at 1/N = 0
     ax.set_xlabel("1 / N   (N = images of A in the subset)")
     ax.set_ylabel("FID")
     top = ax.secondary_xaxis("top", functions=(lambda v: 1 / np.maximum(v, 1e-9), lambda v: 1 / np.maximum(v, 1e-9)))
     top.set_xlabel("N")
-    top.set_ticks([n for n in (200, 300, 500, 1000, 2000, 5000) if 1 / n <= ax.get_xlim()[1]])
+    top.set_ticks([n for n in (100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000) if 0.1 * x_max <= 1 / n <= x_max])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -103,7 +110,7 @@ def build_parser():
     p.add_argument("--n-ref", type=int, default=10000, help="images of the reference set B")
     p.add_argument("--points", type=int, default=15)
     p.add_argument("--seed", type=int, default=2020)
-    p.add_argument("--out", default="docs/fid_against_n.png")
+    p.add_argument("--out", default="runs/fid_against_n.png")
     return p
 
 
