@@ -89,6 +89,7 @@ def main(argv=None):
           f"image tower, {cfg.vision.image_size} px)")
     print(f"torchmetrics  100*cos clamped at 0 after the mean  {figures['torchmetrics_clip_score']:.2f}")
     print(f"CLIP-S        2.5*max(cos, 0) per sample (Hessel)   {figures['clip_s']:.4f}")
+    print(f"mean cos      unclamped, for reference              {figures['mean_cos']:+.4f}")
     print(f"{n_cut} caption(s) over {L} tokens, cut to the first {L - 1} tokens + <end>")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

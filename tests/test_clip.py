@@ -129,6 +129,8 @@ def test_bad_training_input(clip_ckpt, capsys):
     assert "unknown config key 'model.vision.widht'; did you mean 'model.vision.width'?" in err
     err = cli_error(train_clip.main, CLIP_TINY + ["data.resolution=32"], capsys)
     assert "model.vision.image_size (16) must equal data.resolution (32)" in err
+    err = cli_error(train_clip.main, CLIP_TINY + ["data.seed=2"], capsys)  # eval_seed 1: retrieval renders seed 2
+    assert "both must differ from data.seed (2)" in err
     before = clip_ckpt.read_bytes()
     err = cli_error(train_clip.main, CLIP_TINY + [f"out_dir={clip_ckpt.parent}"], capsys)
     assert "exists; pass overwrite=true" in err and clip_ckpt.read_bytes() == before

@@ -131,7 +131,8 @@ def test_shapes_export_is_a_folder_that_clip_score_reads(tiny_clip, tmp_path, ca
     shapes.main(["--export", str(folder), "--num-images", "5", "--resolution", "16", "--seed", "4"])
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     images, captions, _ = render_dataset(5, 16, seed=4, progress=False)
-    assert [r["text"] for r in rows] == captions and [r["file_name"] for r in rows] == [f"{i:04d}.png" for i in range(5)]
+    assert [r["text"] for r in rows] == captions
+    assert [r["file_name"] for r in rows] == [f"{i:04d}.png" for i in range(5)]
     assert all(np.array_equal(np.array(Image.open(folder / r["file_name"])), images[i]) for i, r in enumerate(rows))
     clip_score.main(["--clip", str(ckpt), "--images", str(folder), "--device", "cpu"])
     assert "CLIP score of 5 images" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from models.text_encoder import TextEncoderConfig
 from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
 from tests.test_train_diffusion import TINY, cli_error
 from train import diffusion, text_lm
+from train.shapes import sample_scene
 from train.common import load_checkpoint
 
 
@@ -86,6 +87,35 @@ def test_training_smoke_run(lm_ckpt, capsys):
     assert "mask_prob" in err
     err = cli_error(text_lm.main, LM_TINY + ["text.causal=true", f"out_dir={lm_ckpt.parent / 'c'}"], capsys)
     assert "text.causal=false" in err
+
+
+class PredictsOneToken(torch.nn.Module):
+    """A stand-in model whose prediction is always the token `token`."""
+
+    def __init__(self, cfg, token):
+        super().__init__()
+        self.cfg, self.token, self.mask_id = cfg, token, cfg.vocab_size - 1
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, mask):
+        return F.one_hot(torch.full_like(ids, self.token), self.cfg.vocab_size).float()  # (B, L, V)
+
+
+def test_masked_accuracy_splits_grammar_from_attribute_words(lm_ckpt):
+    _, tokenizer, cfg = load_text_lm(lm_ckpt)
+    captions = [sample_scene(3, i)[0] for i in range(300)]
+    special = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id}
+    ids, mask = tokenizer(captions, max_length=cfg.max_length, truncate=True)
+    _, chosen = mask_tokens(ids, mask, special, cfg.vocab_size - 1, cfg.vocab_size, torch.Generator().manual_seed(4),
+                            0.15, random_prob=0.0, keep_prob=0.0)  # the draw masked_accuracy makes with seed 4
+    masked = ids[chosen].tolist()
+    attribute = [i for i in masked if tokenizer.decode([i]).strip() in text_lm.ATTRIBUTE_WORDS]
+    assert 0 < len(attribute) < len(masked)
+    token = max(set(attribute), key=attribute.count)  # e.g. " square", a whole attribute word
+    figures = text_lm.masked_accuracy(PredictsOneToken(cfg, token), tokenizer, captions, 0.15, seed=4)
+    assert figures["grammar"] == 0.0
+    assert figures["attribute words"] == pytest.approx(attribute.count(token) / len(attribute))
+    assert figures["all"] == pytest.approx(masked.count(token) / len(masked))
 
 
 def test_diffusion_conditioned_on_frozen_lm_and_bad_text_encoder_values(lm_ckpt, tmp_path, capsys):

@@ -65,7 +65,8 @@ class ClipTrainConfig:
     bf16: bool = False  # bf16 autocast for forward and loss
     log_every: int = 100  # steps between log lines
     eval_images: int = 1000  # fresh renders per split for the final evaluation (shapes only; 0 = skip)
-    eval_seed: int = 1  # rendering seed of the evaluation images (must differ from data.seed)
+    eval_seed: int = 1  # rendering seeds of the evaluation images: eval_seed (zero-shot) and eval_seed + 1
+    # (retrieval); neither may equal data.seed
     overwrite: bool = False  # replace an existing out_dir/ckpt.pt (otherwise that is an error)
 
 
@@ -167,6 +168,7 @@ def evaluate(model, tokenizer, data_cfg: DataConfig, num_images, seed):
         images, _, attributes = render(num_images, data_cfg.resolution, seed, split, max_objects=1)
         results[f"zero-shot {name}"] = zero_shot(model, tokenizer, images, attributes)
         images, captions, attributes = render(num_images, data_cfg.resolution, seed + 1, split, data_cfg.max_objects)
+        # seed + 1: other scenes than the zero-shot ones; main() checks that neither seed is data.seed
         results[f"retrieval {name}"] = retrieval(model, tokenizer, images, captions, attributes)
     return results
 
@@ -181,8 +183,9 @@ def main(argv=None):
     if cfg.steps < 1 or cfg.batch_size < 2 or cfg.data.num_images < cfg.batch_size:
         raise ValueError("steps must be >= 1, batch_size >= 2 (the loss contrasts pairs within a batch) and "
                          "data.num_images >= batch_size")
-    if cfg.eval_images and cfg.eval_seed == cfg.data.seed:
-        raise ValueError("eval_seed must differ from data.seed so that the evaluation images are unseen")
+    if cfg.eval_images and cfg.data.seed in (cfg.eval_seed, cfg.eval_seed + 1):
+        raise ValueError(f"the evaluation renders seeds eval_seed ({cfg.eval_seed}) and eval_seed + 1; both must "
+                         f"differ from data.seed ({cfg.data.seed}) so that the evaluation images are unseen")
     out_dir = Path(cfg.out_dir or default_out_dir(config_path, "clip"))
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.exists() and not cfg.overwrite:
@@ -256,9 +259,12 @@ def main(argv=None):
     model, tokenizer, _ = load_clip(ckpt_path, device)
     t1 = time.time()
     results = evaluate(model, tokenizer, cfg.data, cfg.eval_images, cfg.eval_seed)
-    print(f"evaluation on {cfg.eval_images} fresh renders per split (seed {cfg.eval_seed}), {time.time() - t1:.0f}s:")
+    print(f"evaluation on {cfg.eval_images} fresh renders per split (zero-shot seed {cfg.eval_seed}, retrieval seed "
+          f"{cfg.eval_seed + 1}), {time.time() - t1:.0f}s:")
     for name, figures in results.items():
         print(f"{name:18s} " + " | ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    if cfg.data.split != "train":
+        print(f"data.split={cfg.data.split}: the 'heldout' pairs were in this CLIP's training data", flush=True)
 
 
 if __name__ == "__main__":
