@@ -158,6 +158,8 @@ def save_stats(path, mu, sigma, n, features):
 
 def load_stats(path):
     """-> (mu, sigma, n or None, features description or None); pytorch-fid's files have only mu and sigma."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"statistics file {path} not found (make one with --save-stats FOLDER {path})")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
@@ -225,6 +227,9 @@ def main(argv=None):
         raise ValueError("--batch-size must be at least 1")
     if args.plot and not args.fid_infinity:
         raise ValueError("--plot draws the FID-infinity fit; add --fid-infinity")
+    if args.isc and args.features != "inception":
+        raise ValueError("the Inception Score needs --features inception (a class distribution over ImageNet); "
+                         "a shapes classifier has no single class output")
     from metrics.features import load_feature_net
 
     a, b = (Path(p) for p in args.paths)

@@ -274,6 +274,7 @@ def test_cli_errors_are_one_line(folders, classifier_ckpt, tmp_path, capsys, mon
     assert "exists" in cli_error(fid_cli.main, ["--save-stats", str(a), str(tmp_path / "a.npz"), *feats], capsys)
     assert "need the images" in cli_error(fid_cli.main, [str(tmp_path / "a.npz"), str(b), "--kid", *feats], capsys)
     assert "Inception Score needs" in cli_error(fid_cli.main, [str(a), str(b), "--isc", *feats], capsys)
+    assert "not found" in cli_error(fid_cli.main, [str(a), str(tmp_path / "missing.npz"), *feats], capsys)
     np.savez(tmp_path / "pfid.npz", mu=np.zeros(2048), sigma=np.eye(2048))  # pytorch-fid's: Inception assumed
     assert "different feature networks" in cli_error(fid_cli.main, [str(a), str(tmp_path / "pfid.npz"), *feats],
                                                      capsys)
