@@ -6,9 +6,11 @@ w = 2.5, averaged over the (image, caption) pairs. Two conventions are in use an
     torchmetrics  100 * mean_i cos(I_i, T_i), clamped at 0 after the mean (torchmetrics' CLIPScore.compute:
                   max(score / n_samples, 0)); the figure text-to-image papers usually quote
     CLIP-S        mean_i 2.5 * max(cos(I_i, T_i), 0), clamped per sample (Hessel et al. Eq. 1)
-where cos(I, T) = <I_e, T_e> of the l2-normalised CLIP embeddings (models/clip.py). Unlike torchmetrics, which
-keeps the first 77 token ids and so can drop the end token, a caption over CLIP's context length is cut to its
-first max_length - 1 tokens followed by <end> (CLIP's tokenize(truncate=True)); the count is printed.
+where cos(I, T) = <I_e, T_e> of the l2-normalised CLIP embeddings (models/clip.py). Hessel et al.'s code also
+prepends "A photo depicts" to every caption; here, as in torchmetrics, the caption is scored as given. Unlike
+torchmetrics, which keeps the first 77 token ids and so can drop the end token, a caption over CLIP's context
+length is cut to its first max_length - 1 tokens followed by <end> (CLIP's tokenize(truncate=True)); the count is
+printed.
 
     python -m metrics.clip_score --clip runs/clip_eval/ckpt.pt --images runs/demo/samples
     python -m metrics.clip_score --images runs/demo/samples --shuffle      # captions permuted: the chance level

@@ -11,10 +11,11 @@ The shapes captions come from train/shapes.py's scene sampler without rendering 
 captions (another seed): mask_prob of the real tokens (not <start>/<end>) chosen, all replaced by [MASK] (no
 random or kept tokens at evaluation), and the accuracy is the fraction of them predicted exactly, over all
 masked tokens and split in two: the attribute words (colour, shape, size, background colour), which the shapes
-captions draw at random, so that a masked one cannot be inferred from the rest (chance: 1/8 for a colour given
-its shape, 1/7 for a shape, 1/2 for a size, 1/4 for a background), and every other token (articles, prefixes,
-"on", "background", plural endings), which the caption grammar determines:
-    masked-token accuracy ... heldin all 0.6xx (grammar 0.9xx, attribute words 0.1xx) | heldout ...
+captions draw at random, so that a masked one cannot be inferred from the rest (chance: about 1/8 for a colour
+given its shape, 1/7 for a shape, 1/2 for a size, 1/4 for a background), and every other token (articles, prefixes,
+"on", "background", plural endings), which the caption grammar mostly determines (not the prefix's noun, which
+is random too):
+    masked-token accuracy ... heldin all 0.6xx (grammar 0.9xx, attribute words 0.2xx) | heldout ...
 (measured figures in configs/shapes/text_lm.yaml)
 """
 import time
