@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models.classifier import (ClassifierConfig, ShapesClassifier, attributes_to_targets, detection_loss,
                                load_classifier, predict_attributes)
-from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, warmup_cosine
+from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
 from train.config import config_to_dict, format_config, parse_config
 from train.shapes import render_dataset
 
@@ -135,15 +135,12 @@ def main(argv=None):
 
     # ---- the loop
     g = torch.Generator().manual_seed(cfg.seed)
-    perm, offset = torch.randperm(N, generator=g), 0
+    batches = shuffled_batches(N, cfg.batch_size, g)
     model.train()
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="classifier", dynamic_ncols=True)
     for step in bar:
-        if offset + cfg.batch_size > N:  # new epoch
-            perm, offset = torch.randperm(N, generator=g), 0
-        idx = perm[offset: offset + cfg.batch_size]
-        offset += cfg.batch_size
+        idx = next(batches)
         x = images[idx].to(device).float() / 127.5 - 1                                  # (B, 3, R, R)
         x = x + cfg.noise_std * torch.randn(x.shape, generator=g).to(device)
         batch_targets = {k: v[idx].to(device) for k, v in targets.items()}

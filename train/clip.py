@@ -34,7 +34,7 @@ from metrics.prompt_accuracy import judge
 from models.clip import CLIP, CLIPConfig, contrastive_loss, load_clip
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
-from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, warmup_cosine
+from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
 from train.config import config_to_dict, default_out_dir, format_config, parse_config
 from train.data import DataConfig, load_data
 from train.shapes import ALL_PAIRS, COLOURS, SHAPES, parse_caption, render_dataset
@@ -218,15 +218,12 @@ def main(argv=None):
 
     # ---- the loop
     g = torch.Generator().manual_seed(cfg.seed)
-    perm, offset = torch.randperm(N, generator=g), 0
+    batches = shuffled_batches(N, cfg.batch_size, g)
     model.train()
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="clip", dynamic_ncols=True)
     for step in bar:
-        if offset + cfg.batch_size > N:  # new epoch
-            perm, offset = torch.randperm(N, generator=g), 0
-        idx = perm[offset: offset + cfg.batch_size]
-        offset += cfg.batch_size
+        idx = next(batches)
         x = data.batch(idx)[0].to(device)  # (B, 3, H, W) in [-1, 1]
         length = int(all_mask[idx].sum(1).max())  # drop the columns that are padding in every row
         ids, mask = all_ids[idx, :length].to(device), all_mask[idx, :length].to(device)  # (B, l)

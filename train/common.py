@@ -81,6 +81,15 @@ def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def shuffled_batches(n, batch_size, generator):
+    """Endless batches of indices into n items: a fresh random permutation each epoch (drawn from `generator`
+    when the previous one is used up), the last incomplete batch of an epoch dropped."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start: start + batch_size]
+
+
 class EMA:
     """Exponential moving average of a model's weights: theta_ema <- decay * theta_ema + (1 - decay) * theta.
 

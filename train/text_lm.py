@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.text_encoder import TextEncoderConfig
 from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
 from models.tokenizer import BPETokenizer
-from train.common import get_device, run_cli, save_checkpoint, seed_everything, warmup_cosine
+from train.common import get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
 from train.config import config_to_dict, default_out_dir, format_config, parse_config
 from train.data import DataConfig, load_data
 from train.shapes import BACKGROUNDS, COLOURS, PLURALS, SHAPES, SIZES, sample_scene
@@ -127,15 +127,12 @@ def main(argv=None):
 
     # ---- the loop
     g = torch.Generator().manual_seed(cfg.seed)
-    perm, offset = torch.randperm(N, generator=g), 0
+    batches = shuffled_batches(N, cfg.batch_size, g)
     model.train()
     t0 = time.time()
     bar = tqdm(range(cfg.steps), desc="text_lm", dynamic_ncols=True)
     for step in bar:
-        if offset + cfg.batch_size > N:  # new epoch
-            perm, offset = torch.randperm(N, generator=g), 0
-        idx = perm[offset: offset + cfg.batch_size]
-        offset += cfg.batch_size
+        idx = next(batches)
         ids, mask = all_ids[idx], all_mask[idx]  # (B, L)
         corrupted, chosen = mask_tokens(ids, mask, special, model.mask_id, cfg.text.vocab_size, g, cfg.mask_prob,
                                         cfg.random_prob, cfg.keep_prob)
