@@ -1,7 +1,9 @@
 """Images in, feature vectors out: the part that FID, KID, the Inception Score and precision/recall share.
 
 Reading an image folder, as pytorch-fid does (the same extensions, PIL decoding, no resizing here; the
-feature network resizes), but refusing what would give a silently wrong number:
+feature network resizes; one difference: subfolders are read too, as torch-fidelity does, where pytorch-fid
+reads only the top level, so keep a set flat to get the same statistics from both), but refusing what would
+give a silently wrong number:
     fewer than 2 images              a covariance needs two
     files that are not images        named; metadata.jsonl / metadata.csv (an imagefolder's captions) and
                                      hidden files are skipped
