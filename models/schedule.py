@@ -181,7 +181,7 @@ class NoiseSchedule:
             return self.velocity(x0, noise, t)
         check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
 
-    def min_snr_weight(self, t, gamma: float) -> torch.Tensor:
+    def min_snr_weight(self, t, gamma: float, plus_one: bool = False) -> torch.Tensor:
         """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
         Strategy", arXiv 2303.09556), per sample (B,), for the MSE on this schedule's training target.
 
@@ -191,10 +191,20 @@ class NoiseSchedule:
             epsilon:       ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / SNR = min(1, gamma / SNR)
             v:             ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / (SNR + 1)
         (epsilon's weight is written min(1, gamma / SNR) so that SNR = 0, zero terminal SNR, gives 1, its limit.)
+
+        plus_one (v-prediction only): the variant of kohya-ss sd-scripts and SimpleTuner, which clamp SNR + 1
+        instead, w = min(SNR + 1, gamma) / (SNR + 1) = min(1, gamma / (SNR + 1)): the v-loss as it is where
+        SNR + 1 <= gamma and capped above. The paper's v weight tends to 0 with the SNR, so the noisiest steps,
+        where the picture's layout is decided, are barely trained; this one keeps them at full weight.
         """
         if gamma <= 0:
             raise ValueError(f"the Min-SNR gamma must be > 0 (the paper uses 5), got {gamma}")
         snr = self.snr(t).float()  # (B,)
+        if plus_one:
+            if self.cfg.prediction_type != "v_prediction":
+                raise ValueError(f"the Min-SNR plus_one variant is for v_prediction, not {self.cfg.prediction_type}; "
+                                 f"set schedule.prediction_type=v_prediction or drop it")
+            return torch.clamp(gamma / (snr + 1), max=1.0)
         if self.cfg.prediction_type == "epsilon":
             return torch.clamp(gamma / snr, max=1.0)  # gamma / 0 = inf -> 1
         elif self.cfg.prediction_type == "sample":

@@ -212,6 +212,24 @@ def test_min_snr_weight_equals_diffusers_training_script_and_is_finite_at_zero_s
         s.min_snr_weight(t, 0.0)
 
 
+def test_min_snr_plus_one_caps_the_v_loss_and_keeps_the_noisiest_steps():
+    # the sd-scripts / SimpleTuner variant: weight * ||v - v_hat||^2 = min(SNR + 1, gamma) ||x0 - x0_hat||^2, so it
+    # is the plain v-loss where SNR + 1 <= gamma (weight 1, also at zero terminal SNR) and min-SNR's cap above
+    s = make("cosine", prediction_type="v_prediction", float64=True)
+    g = torch.Generator().manual_seed(1)
+    x0, eps, out = (torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 30, 200, 600, 990])
+    x0_hat, _ = s.predict_x0_and_eps(out, s.q_sample(x0, t, eps), t)
+    w = s.min_snr_weight(t, 5.0, plus_one=True)
+    weighted = w.double() * (out - s.training_target(x0, eps, t)).pow(2).mean((1, 2, 3))
+    expected = torch.clamp(s.snr(t) + 1, max=5.0) * (x0_hat - x0).pow(2).mean((1, 2, 3))
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=0)
+    assert w[-1] == 1.0 and w[0] < 1e-3  # the noisiest step keeps its weight (the paper's gives ~SNR ~ 1e-3)
+    assert s.min_snr_weight(t, 5.0)[-1] < 1e-2
+    with pytest.raises(ValueError, match="plus_one variant is for v_prediction"):
+        make("cosine", prediction_type="epsilon").min_snr_weight(t, 5.0, plus_one=True)
+
+
 def test_velocity_identities_and_diffusers_get_velocity():
     s = make("linear")
     ref = diffusers.DDPMScheduler()

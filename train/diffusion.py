@@ -58,6 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.999      # EMA of the weights, used for sampling
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
     snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
+    snr_plus_one: bool = False    # v-prediction: clamp SNR + 1, not SNR (sd-scripts' variant; see min_snr_weight)
     bf16: bool = False            # bf16 autocast for forward and loss
     seed: int = 0                 # seeds the model init, the data order and the noise
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
@@ -102,6 +103,9 @@ def check_config(cfg):
                          f"({cfg.data.resolution}) in pixel space; set both")
     if cfg.train.batch_size < 1 or cfg.train.steps < 1:
         raise ValueError("train.batch_size and train.steps must be at least 1")
+    if cfg.train.snr_gamma:  # fails here, not after the data is loaded
+        NoiseSchedule(cfg.schedule).min_snr_weight(torch.zeros(1, dtype=torch.long), cfg.train.snr_gamma,
+                                                   cfg.train.snr_plus_one)
 
 
 def main(argv=None):
@@ -210,7 +214,7 @@ def main(argv=None):
             pred = ddp_model(x_t, t, ids, mask, drop_cond=drop)
             err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
             if tc.snr_gamma:
-                err = err * schedule.min_snr_weight(t, tc.snr_gamma)  # Min-SNR-gamma, Hang et al. Eq. 9
+                err = err * schedule.min_snr_weight(t, tc.snr_gamma, tc.snr_plus_one)  # Hang et al. Eq. 9
             loss = err.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
