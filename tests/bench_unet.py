@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from models.unet import UNet, UNetConfig
-from tests.test_unet import diffusers_name, diffusers_twin
+from tests.reference_imports import make_torchvision_importable
+
+make_torchvision_importable()  # diffusers imports torchvision (tests/reference_imports.py says why)
+from tests.test_unet import diffusers_name, diffusers_twin  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--batch", type=int, default=32)
