@@ -222,6 +222,8 @@ def folder_features(folder, net, args, keep):
 
 
 def main(argv=None):
+    """Prints the figures; returns them as a dict (fid, and kid / isc / precision / recall / fid_infinity when
+    asked, features, n_a, n_b) for callers such as sample/demo.py."""
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
@@ -269,10 +271,12 @@ def main(argv=None):
 
     fid = frechet_distance(sides[0]["mu"], sides[0]["sigma"], sides[1]["mu"], sides[1]["sigma"])
     print(f"FID: {fid:.6f}  (A: {count(sides[0])} images, B: {count(sides[1])} images; {description})")
+    results = {"fid": fid, "features": description, "n_a": sides[0]["n"], "n_b": sides[1]["n"]}
     if args.fid_infinity:
         from metrics.fid_infinity import fid_infinity, plot_fid_against_n
 
         fit = fid_infinity(sides[0]["all"], sides[1]["mu"], sides[1]["sigma"], args.fid_infinity_points, args.seed)
+        results["fid_infinity"] = float(fit["fid_infinity"])
         print(f"FID-infinity: {fit['fid_infinity']:.6f}  (FID_N = {fit['fid_infinity']:.4f} + {fit['slope']:.1f} / N "
               f"fitted on {len(fit['n'])} subset sizes {fit['n'][0]}..{fit['n'][-1]} of A; {description})")
         if args.plot:
@@ -285,17 +289,21 @@ def main(argv=None):
 
         size = min(args.kid_subset_size, len(sides[0]["all"]), len(sides[1]["all"]))
         mean, std = kernel_inception_distance(sides[0]["all"], sides[1]["all"], args.kid_subsets, size, args.seed)
+        results["kid"] = (float(mean), float(std))
         print(f"KID: {mean:.6f} +- {std:.6f}  ({args.kid_subsets} subsets of {size}; {description})")
     if args.isc:
         from metrics.inception_score import inception_score
 
         mean, std = inception_score(net.logits(sides[0]["all"]), splits=10, shuffle_seed=args.seed)
+        results["isc"] = (float(mean), float(std))
         print(f"IS: {mean:.6f} +- {std:.6f}  (of A, 10 splits; logits without bias; {description})")
     if args.prc:
         from metrics.precision_recall import precision_recall
 
         precision, recall = precision_recall(sides[0]["all"], sides[1]["all"], k=3)
         print(f"precision: {precision:.6f}  recall: {recall:.6f}  (k = 3; {description})")
+        results["precision"], results["recall"] = float(precision), float(recall)
+    return results
 
 
 def check_same_features(sides, net, args):

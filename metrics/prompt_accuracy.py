@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from models.classifier import load_classifier, predict_attributes
-from models.text2image import generate, load_text2image
+from models.text2image import load_text2image
 from train.common import get_device, image_grid, load_checkpoint, run_cli
 from train.shapes import eval_prompts, relation_holds
 
@@ -85,6 +85,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Per-attribute prompt accuracy of a text-to-image checkpoint.")
     p.add_argument("--ckpt", required=True, help="diffusion checkpoint")
     p.add_argument("--classifier", default="runs/shapes_classifier/ckpt.pt", help="shapes classifier checkpoint")
+    p.add_argument("--vae", help="latent diffusion only: the VAE checkpoint (default: the one stored at training)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--max-objects", type=int, help="prompt kinds to include (default: the training data's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
@@ -106,9 +107,9 @@ def main(argv=None):
     if not ckpt["config"]["data"]["dataset"] == "shapes":
         raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; prompt accuracy needs "
                          f"a model trained on the built-in shapes")
-    model, tokenizer, schedule, _, sampler_cfg = load_text2image(ckpt, device)
+    pipe = load_text2image(ckpt, device, vae_path=args.vae)
     classifier, _ = load_classifier(args.classifier, device)
-    sampler_cfg = replace(sampler_cfg, sampler=args.sampler, num_inference_steps=args.steps,
+    sampler_cfg = replace(pipe.sampler_cfg, sampler=args.sampler, num_inference_steps=args.steps,
                           guidance_scale=args.guidance)
     max_objects = args.max_objects or ckpt["config"]["data"]["max_objects"]
     out = Path(args.out) if args.out else Path(args.ckpt).parent / "prompt_accuracy.json"
@@ -124,8 +125,7 @@ def main(argv=None):
         captions = [caption for caption, _ in prompts for _ in range(args.n)]
         images, judgements = [], []
         for i in range(0, len(captions), args.batch_size):
-            batch = generate(model, tokenizer, schedule, captions[i: i + args.batch_size], sampler_cfg,
-                             generator=g, progress=False)
+            batch = pipe(captions[i: i + args.batch_size], sampler_cfg, generator=g, progress=False)
             detected = predict_attributes(classifier, batch)
             judgements += [judge(e, d) for e, d in zip(expected[i: i + args.batch_size], detected)]
             images.append(batch.cpu())

@@ -209,8 +209,62 @@ def generate(model, tokenizer, schedule, prompts, sampler_cfg: SamplerConfig, ge
     return sample(denoise, x_T, schedule, sampler_cfg, generator=generator, progress=progress)
 
 
-def load_text2image(ckpt, device, use_ema=True):
-    """A diffusion checkpoint dict -> (model in eval mode, tokenizer, schedule, ModelConfig, SamplerConfig)."""
+def vae_fingerprint(vae, scale_factor):
+    """What a latent U-Net remembers of the VAE it was trained on: the VAE's config, its latent scale factor and
+    a SHA-256 of its weights, so that sampling with another VAE (whose latents mean something else) is refused."""
+    import hashlib
+
+    from train.config import config_to_dict
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"config": config_to_dict(vae.cfg), "scale_factor": float(scale_factor), "sha256": h.hexdigest()}
+
+
+def load_latent_vae(path, expected, device):
+    """The VAE checkpoint at `path`, checked against the fingerprint a latent diffusion checkpoint stores.
+    Returns (vae in eval mode, scale_factor)."""
+    from models.vae import load_vae
+    vae, scale_factor, _ = load_vae(path, device)
+    if vae_fingerprint(vae, scale_factor) != expected:
+        raise ValueError(f"{path} is not the VAE this latent U-Net was trained on (its config, scale factor or "
+                         f"weights differ); pass the VAE checkpoint given at training with --vae")
+    return vae, scale_factor
+
+
+@dataclass
+class Text2Image:
+    """The parts joined for sampling: tokenizer -> text encoder -> U-Net (-> VAE decoder in latent space).
+
+    Pixel space: the sampler's x_0 is the picture. Latent space (Rombach et al. 2022, Sec. 3-4): the sampler's
+    x_0 is a latent z scaled by the VAE's scale factor (so that it has unit variance, their Sec. 4.3.2), and the
+    picture is D(z / scale_factor)."""
+    model: TextConditionedUNet
+    tokenizer: BPETokenizer
+    schedule: NoiseSchedule
+    model_cfg: ModelConfig
+    sampler_cfg: SamplerConfig  # the checkpoint's defaults
+    vae: nn.Module | None = None
+    scale_factor: float = 1.0
+
+    def check_prompts(self, prompts, truncate=False):
+        """Raise the one-line error of the first bad prompt (empty, over the token limit) before any compute."""
+        self.tokenizer(list(prompts), max_length=self.model.text_encoder.cfg.max_length, truncate=truncate)
+
+    @torch.no_grad()
+    def __call__(self, prompts, sampler_cfg=None, generator=None, truncate=False, progress=True):
+        """Prompts -> pictures (B, 3, H, W) in [-1, 1]."""
+        x0 = generate(self.model, self.tokenizer, self.schedule, prompts, sampler_cfg or self.sampler_cfg,
+                      generator=generator, truncate=truncate, progress=progress)
+        if self.vae is None:
+            return x0
+        return self.vae.decode(x0 / self.scale_factor).clamp(-1, 1)
+
+
+def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
+    """A diffusion checkpoint dict -> Text2Image in eval mode. A latent checkpoint also loads its VAE: from
+    `vae_path`, else from the path stored at training, and checks it is the VAE the U-Net was trained on."""
     from train.config import config_from_dict
 
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
@@ -222,4 +276,9 @@ def load_text2image(ckpt, device, use_ema=True):
     weights = ckpt["ema"]["weights"] if use_ema and ckpt.get("ema") else ckpt["model"]
     load_weights(model, weights, "diffusion checkpoint weights")
     schedule = NoiseSchedule(model_cfg.schedule).to(device)
-    return model.to(device).eval(), tokenizer, schedule, model_cfg, sampler_cfg
+    vae, scale_factor = None, 1.0
+    if ckpt["config"].get("space", "pixel") == "latent":
+        vae, scale_factor = load_latent_vae(vae_path or ckpt["config"]["vae"], ckpt["vae"], device)
+    elif vae_path:
+        raise ValueError("a VAE was given but this diffusion checkpoint is pixel-space; drop --vae")
+    return Text2Image(model.to(device).eval(), tokenizer, schedule, model_cfg, sampler_cfg, vae, scale_factor)

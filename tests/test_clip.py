@@ -149,7 +149,8 @@ def test_diffusion_conditioned_on_frozen_clip(clip_ckpt, tmp_path, capsys):
     assert ema.keys() == frozen.keys() and all(torch.equal(v, clip_weights[k]) for k, v in ema.items())  # EMA too
     assert ckpt["tokenizer"] == load_checkpoint(clip_ckpt, "clip")["tokenizer"]
     # the cache gives what the encoder computes
-    model, tokenizer, _, _, _ = load_text2image(ckpt, "cpu")
+    pipe = load_text2image(ckpt, "cpu")
+    model, tokenizer = pipe.model, pipe.tokenizer
     ids, mask = tokenizer(["a red circle", "a photo of a blue square"], max_length=model.text_encoder.cfg.max_length)
     fresh = model.text_encoder(ids, mask)
     assert model.text_encoder.cache_outputs(ids, mask) == 2

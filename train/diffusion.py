@@ -5,6 +5,7 @@ simple loss Eq. 14); Rombach et al. 2022, arXiv 2112.10752 (text conditioning by
 Ho & Salimans 2022, arXiv 2207.12598 (conditioning dropout for classifier-free guidance, Algorithm 1).
 
     python -m train.diffusion --config configs/shapes/diffusion_pixel.yaml
+    python -m train.diffusion --config configs/shapes/diffusion_latent.yaml   # space: latent, vae: <ckpt>
     torchrun --nproc_per_node 2 -m train.diffusion --config ... train.device=cpu   # DDP (gloo on CPUs)
 
 Writes into train.out_dir (default runs/<config name>): ckpt.pt (atomic, every train.ckpt_every steps and at
@@ -12,6 +13,12 @@ the end), config.yaml, tensorboard events (loss, learning rate, gradient norm, s
 samples/step_XXXXXXX.png. `train.resume=auto` continues from out_dir/ckpt.pt exactly where it stopped: on
 the CPU the losses after a resume equal those of an uninterrupted run (tests/test_train_diffusion.py).
 The tiny preset ends with a line like `step 3000 | loss 0.0xx | ...` and `saved runs/diffusion_pixel/ckpt.pt`.
+
+Latent diffusion (Rombach et al. 2022, Sec. 3-4): with `space: latent` and `vae: <ckpt>` (train/vae.py) the
+model denoises z = scale_factor * (mu + sigma * eps') instead of pixels, where N(mu, sigma^2) is the frozen VAE
+encoder's posterior of the image; mu and sigma of every training image are computed once before the loop,
+and z is drawn afresh at each step (as LDM's DiagonalGaussianDistribution.sample). The U-Net works at
+resolution / factor with the VAE's latent channels; the checkpoint keeps the VAE's path and fingerprint.
 
 Loop (Algorithm 1 with conditioning dropout):
     x_0, caption ~ data;  t ~ Uniform{0..T-1};  eps ~ N(0, I)
@@ -33,7 +40,8 @@ from tqdm import tqdm
 
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
-from models.text2image import ModelConfig, TokenizerConfig, build_model, generate, use_frozen_text_encoder
+from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_model, use_frozen_text_encoder,
+                               vae_fingerprint)
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNetConfig
@@ -79,6 +87,8 @@ class DiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     text_encoder: str = "joint"  # joint: trained here | clip:<ckpt> | lm:<ckpt>: frozen (models/text2image.py)
+    space: str = "pixel"         # pixel | latent (denoise the latents of the frozen VAE `vae`)
+    vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
     # defaults for `python -m sample`; in pixel space x0_hat is clipped to [-1, 1] as in DDPM's code and
     # diffusers' default (an undertrained model's x0_hat at high noise is far outside the data range)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True))
@@ -98,9 +108,20 @@ def batch_indices(step, batch_size, num_items, seed):
 
 
 def check_config(cfg):
-    if cfg.unet.image_size != cfg.data.resolution:
-        raise ValueError(f"unet.image_size ({cfg.unet.image_size}) must equal data.resolution "
-                         f"({cfg.data.resolution}) in pixel space; set both")
+    if cfg.space not in ("pixel", "latent"):
+        raise ValueError(f"space must be pixel or latent, got '{cfg.space}'")
+    if cfg.space == "pixel":
+        if cfg.vae:
+            raise ValueError(f"vae is set ({cfg.vae}) but space is pixel; set space=latent or drop vae")
+        if cfg.unet.image_size != cfg.data.resolution:
+            raise ValueError(f"unet.image_size ({cfg.unet.image_size}) must equal data.resolution "
+                             f"({cfg.data.resolution}) in pixel space; set both")
+    else:
+        if not cfg.vae:
+            raise ValueError("space is latent but no VAE is given; pass vae=runs/vae/ckpt.pt (made by train.vae)")
+        if cfg.sampler.clip_sample or cfg.sampler.thresholding:
+            raise ValueError("latents are not bounded to [-1, 1]; set sampler.clip_sample=false and "
+                             "sampler.thresholding=false for space=latent")
     if cfg.train.batch_size < 1 or cfg.train.steps < 1:
         raise ValueError("train.batch_size and train.steps must be at least 1")
     if cfg.train.snr_gamma:  # fails here, not after the data is loaded
@@ -108,9 +129,39 @@ def check_config(cfg):
                                                    cfg.train.snr_plus_one)
 
 
+def check_latent_config(cfg, vae_cfg):
+    """The U-Net's input must be the VAE's latent: channels and resolution / factor."""
+    factor = 2 ** (len(vae_cfg.channel_mult) - 1)
+    size, ch = cfg.data.resolution // factor, vae_cfg.latent_channels
+    if cfg.data.resolution % factor or cfg.unet.image_size != size:
+        raise ValueError(f"unet.image_size ({cfg.unet.image_size}) must be data.resolution / the VAE's factor "
+                         f"({cfg.data.resolution} / {factor}); set unet.image_size={size}")
+    if cfg.unet.in_channels != ch or cfg.unet.out_channels != ch:
+        raise ValueError(f"unet.in_channels and unet.out_channels ({cfg.unet.in_channels}, {cfg.unet.out_channels}) "
+                         f"must equal the VAE's latent_channels ({ch}); set both to {ch}")
+
+
+@torch.no_grad()
+def encode_latents(vae, data, device, batch_size=256, progress=True):
+    """The VAE posterior of every image, once: mean and std (N, c, h, w) on the CPU."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(data), batch_size), desc="encoding latents", disable=not progress,
+                  dynamic_ncols=True):
+        posterior = vae.encode(data.batch(torch.arange(i, min(i + batch_size, len(data))))[0].to(device))
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def main(argv=None):
     cfg, config_path = parse_config(DiffusionConfig, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
+    vae = None
+    if cfg.space == "latent":  # fail on a bad VAE before the data loads
+        from models.vae import load_vae
+        vae, scale_factor, vae_cfg = load_vae(cfg.vae, "cpu")
+        check_latent_config(cfg, vae_cfg)
+        fingerprint = vae_fingerprint(vae, scale_factor)
     frozen = use_frozen_text_encoder(cfg)  # None for joint; else the encoder, its tokenizer, its sizes in cfg.text
     tc = cfg.train
     out_dir = Path(tc.out_dir or default_out_dir(config_path, "diffusion"))
@@ -128,9 +179,13 @@ def main(argv=None):
     if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
         resumed = load_checkpoint(ckpt_path, "diffusion")
         fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder")  # train and sampler settings may change
-        if any(resumed["config"][k] != config_to_dict(cfg)[k] for k in fixed):
+        old = {"space": "pixel", **resumed["config"]}  # `space` came with latent diffusion
+        if any(old[k] != config_to_dict(cfg)[k] for k in fixed + ("space",)):
             raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config; resume with "
                              f"the same config or choose another train.out_dir")
+        if vae is not None and resumed.get("vae") != fingerprint:
+            raise ValueError(f"cannot resume: {ckpt_path} was trained on the latents of another VAE than "
+                             f"{cfg.vae}; give the same VAE or choose another train.out_dir")
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists; pass train.resume=auto to continue it or choose another "
                          f"train.out_dir (nothing was overwritten)")
@@ -144,6 +199,12 @@ def main(argv=None):
     else:
         tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size, progress=is_main)
     all_ids, all_mask = tokenizer(data.captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
+    if vae is not None:
+        vae = vae.to(device)
+        latent_mean, latent_std = encode_latents(vae, data, device, progress=is_main)  # (N, c, h, w) each
+        if is_main:
+            print(f"encoded {len(data)} images to {tuple(latent_mean.shape[1:])} latents; scale factor "
+                  f"{scale_factor:.4f} (scaled latent std {(latent_mean * scale_factor).std():.3f})", flush=True)
 
     # ---- model, optimizer, EMA
     model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder)
@@ -178,13 +239,16 @@ def main(argv=None):
             "kind": "diffusion", "config": config_to_dict(cfg), "step": step,
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "tokenizer": tokenizer.state_dict(), "rng": rng_state(),
+            **({"vae": fingerprint} if vae is not None else {}),
         })
 
     def sample_grid(step):
         sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
         g = torch.Generator(device).manual_seed(0)
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
-        images = generate(ema.model, tokenizer, schedule, prompts, sampler, generator=g, progress=False)
+        pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, vae,
+                          scale_factor if vae is not None else 1.0)
+        images = pipe(prompts, generator=g, progress=False)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
         (out_dir / "samples").mkdir(exist_ok=True)
         grid.save(out_dir / "samples" / f"step_{step:07d}.png")
@@ -199,11 +263,15 @@ def main(argv=None):
     t0 = time.time()
     for step in bar:
         idx = batch_indices(step, tc.batch_size, len(data), tc.seed)[rank::world]  # (B/world,)
-        x0 = data.batch(idx)[0].to(device)  # (b, 3, H, W) in [-1, 1]
         ids, mask = all_ids[idx].to(device), all_mask[idx].to(device)  # (b, L)
         # noise, timesteps and conditioning dropout are drawn from a generator seeded by (seed, step, rank),
         # so the run is a function of its seed, whatever the resumption points
         g = torch.Generator(device).manual_seed(tc.seed * 2**40 + step * 2**8 + rank)
+        if vae is None:
+            x0 = data.batch(idx)[0].to(device)  # (b, 3, H, W) in [-1, 1]
+        else:  # z ~ N(mu, sigma^2) of the frozen encoder, scaled to unit variance (LDM Sec. 4.3.2)
+            mean, std = latent_mean[idx].to(device), latent_std[idx].to(device)  # (b, c, h, w)
+            x0 = scale_factor * (mean + std * torch.randn(mean.shape, generator=g, device=device))
         t = torch.randint(0, cfg.schedule.num_train_timesteps, (local_batch,), generator=g, device=device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob

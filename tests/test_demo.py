@@ -1,0 +1,29 @@
+"""The README's main job, end to end at a few steps per stage: every stage runs, hands its checkpoint to the next,
+and the demo writes its pictures and figures; a second run skips the finished stages."""
+import json
+
+from sample import demo
+
+
+def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
+    argv = ["--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1", "--accuracy-n", "1",
+            "--steps", "2"]
+    demo.main(argv)
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    stages = ["classifier", "judge CLIP", "VAE", "latent U-Net", "samples", "prompt accuracy",
+              "images for FID and CLIP score", "FID, KID and CLIP score"]
+    assert list(report["stage_seconds"]) == stages and all(s > 0 for s in report["stage_seconds"].values())
+    for split in ("heldin", "heldout"):
+        assert 0 <= report["prompt_accuracy"][split]["colour"] <= 1
+    assert report["fid"]["n_a"] == report["fid"]["n_b"] == 24 and report["fid"]["fid"] >= 0
+    assert "not comparable" in report["fid"]["features"] or "classifier" in report["fid"]["features"]
+    assert report["clip_score"]["generated"]["images"] == 24
+    assert report["vae"]["scale_factor"] > 0
+    assert (tmp_path / "demo" / "samples.png").exists() and "demo summary" in out
+    demo.main(argv)  # the trained stages are done: skipped, the sampling and metrics run again
+    out = capsys.readouterr().out
+    for stage in ("classifier", "judge CLIP", "VAE", "latent U-Net"):
+        assert f"==== {stage}: done before, skipped" in out
+    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0

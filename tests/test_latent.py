@@ -1,0 +1,145 @@
+"""Latent diffusion: the U-Net trained on a frozen VAE's latents, the checkpoint's memory of its VAE, exact
+resumption, the ldm sampling pipeline and its presets, and the bad-input contract."""
+import re
+
+import pytest
+import torch
+
+import sample.__main__ as sample_cli
+from models.text2image import load_text2image, vae_fingerprint
+from models.vae import load_vae
+from tests.test_train_diffusion import cli_error, losses
+from train import diffusion
+from train import vae as train_vae
+from train.common import load_checkpoint
+from train.data import DataConfig, load_data
+
+VAE_TINY = ["data.num_images=32", "data.resolution=16", "vae.channels=8", "vae.channel_mult=[1, 2]",
+            "vae.num_res_blocks=1", "vae.norm_groups=4", "train.steps=2", "train.batch_size=8",
+            "train.eval_images=8", "train.scale_images=32", "train.device=cpu", "train.log_every=1"]
+# 16x16 images -> 4x8x8 latents (factor 2)
+LDM_TINY = ["data.num_images=48", "data.resolution=16", "space=latent", "unet.image_size=8", "unet.in_channels=4",
+            "unet.out_channels=4", "unet.channels=16", "unet.channel_mult=[1, 2]", "unet.num_res_blocks=1",
+            "unet.attention_resolutions=[4]", "unet.norm_groups=8", "unet.context_dim=32", "text.width=32",
+            "text.layers=1", "text.max_length=16", "tokenizer.vocab_size=300", "sampler.clip_sample=false",
+            "schedule.beta_schedule=scaled_linear", "train.batch_size=8", "train.log_every=1",
+            "train.sample_every=0", "train.sample_steps=2", "train.device=cpu",
+            "train.sample_prompts=[a red circle, a blue square]"]
+
+
+@pytest.fixture(scope="module")
+def vaes(tmp_path_factory):
+    """Two tiny VAEs that differ only in their seed."""
+    root = tmp_path_factory.mktemp("vaes")
+    for seed in (0, 1):
+        train_vae.main(VAE_TINY + [f"train.seed={seed}", f"train.out_dir={root / f'vae{seed}'}"])
+    return root / "vae0" / "ckpt.pt", root / "vae1" / "ckpt.pt"
+
+
+@pytest.fixture(scope="module")
+def ldm(vaes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ldm") / "run"
+    diffusion.main(LDM_TINY + [f"vae={vaes[0]}", "train.steps=4", f"train.out_dir={out}"])
+    return out / "ckpt.pt"
+
+
+def test_checkpoint_remembers_its_vae(vaes, ldm):
+    ckpt = load_checkpoint(ldm, "diffusion")
+    vae, scale, _ = load_vae(vaes[0])
+    assert ckpt["config"]["space"] == "latent" and ckpt["config"]["vae"] == str(vaes[0])
+    assert ckpt["vae"] == vae_fingerprint(vae, scale)
+    other, other_scale, _ = load_vae(vaes[1])
+    assert vae_fingerprint(other, other_scale)["sha256"] != ckpt["vae"]["sha256"]
+
+
+def test_latent_training_target_is_the_scaled_posterior_sample(vaes):
+    """encode_latents gives the encoder's posterior mean and std for every image, in data order."""
+    vae, _, _ = load_vae(vaes[0])
+    data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False)
+    posterior = vae.encode(data.batch(torch.arange(20))[0])
+    torch.testing.assert_close(mean, posterior.mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(std, posterior.std, atol=1e-6, rtol=1e-5)
+    assert mean.shape == (20, 4, 8, 8)
+
+
+def test_latent_resume_is_exact(vaes, tmp_path, capsys):
+    """The posterior noise is drawn from the step's generator: a resumed run has the same losses."""
+    base = LDM_TINY + [f"vae={vaes[0]}", "train.steps=4"]
+    diffusion.main(base + [f"train.out_dir={tmp_path / 'full'}"])
+    full = losses(capsys.readouterr().out)
+    diffusion.main(base + [f"train.out_dir={tmp_path / 'split'}", "train.stop_after=2"])
+    diffusion.main(base + [f"train.out_dir={tmp_path / 'split'}", "train.resume=auto"])
+    split = losses(capsys.readouterr().out)
+    assert sorted(full) == sorted(split) == [1, 2, 3, 4]
+    assert full == split
+    err = cli_error(diffusion.main, base[:-1] + [f"vae={vaes[1]}", "train.steps=4",
+                                                 f"train.out_dir={tmp_path / 'split'}", "train.resume=auto"], capsys)
+    assert "another VAE" in err
+
+
+def test_ldm_pipeline_samples_pixels(vaes, ldm, tmp_path, capsys):
+    pipe = load_text2image(load_checkpoint(ldm, "diffusion"), "cpu")
+    assert pipe.vae is not None and pipe.model.unet.cfg.in_channels == 4
+    images = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), progress=False)
+    assert images.shape == (1, 3, 16, 16) and images.abs().max() <= 1
+    # the same seed gives the same pixels, through the command line and the pipeline config
+    config = tmp_path / "pipe.yaml"
+    config.write_text(f"diffusion: {ldm}\nvae: {vaes[0]}\npreset: quality\n")
+    outs = []
+    for name in ("a", "b"):
+        sample_cli.main(["--pipeline", "ldm", "--config", str(config), "--prompt", "a red circle", "--n", "2",
+                         "--steps", "3", "--out", str(tmp_path / f"{name}.png")])
+        outs.append((tmp_path / f"{name}.png").read_bytes())
+    assert outs[0] == outs[1]
+    printed = capsys.readouterr().out
+    assert "ddim, 3 steps, guidance 5.0" in printed  # the preset's guidance, the flag's steps
+    sample_cli.main(["--pipeline", "ldm", "--config", str(config), "--preset", "creative", "--prompt", "a red circle",
+                     "--n", "1", "--steps", "2", "--out", str(tmp_path / "c.png")])
+    assert re.search(r"2 steps, guidance 1\.5", capsys.readouterr().out)
+
+
+def test_ldm_bad_input(vaes, ldm, tmp_path, capsys):
+    base = ["--prompt", "a red circle", "--n", "1", "--steps", "2"]
+    err = cli_error(sample_cli.main, ["--pipeline", "ldm", "--ckpt", str(ldm), "--vae", str(vaes[1]), *base,
+                                      "--out", str(tmp_path / "x.png")], capsys)
+    assert "is not the VAE this latent U-Net was trained on" in err
+    err = cli_error(sample_cli.main, ["--pipeline", "pixel", "--ckpt", str(ldm), *base,
+                                      "--out", str(tmp_path / "x.png")], capsys)
+    assert "needs a pixel-space diffusion checkpoint" in err
+    err = cli_error(sample_cli.main, ["--ckpt", str(ldm), "--dynamic-threshold", *base,
+                                      "--out", str(tmp_path / "x.png")], capsys)
+    assert "--dynamic-threshold is for pixel space" in err
+    err = cli_error(sample_cli.main, ["--ckpt", str(ldm), "--vae", str(tmp_path / "missing.pt"), *base,
+                                      "--out", str(tmp_path / "x.png")], capsys)
+    assert "not found" in err
+    err = cli_error(sample_cli.main, ["--config", str(tmp_path / "p.yaml"), *base], capsys)
+    assert "pass --pipeline ldm" in err
+    (tmp_path / "p.yaml").write_text(f"diffusion: {ldm}\npreset: slow\n")
+    err = cli_error(sample_cli.main, ["--pipeline", "ldm", "--config", str(tmp_path / "p.yaml"), *base], capsys)
+    assert "unknown preset 'slow'" in err
+    (tmp_path / "p.yaml").write_text(f"diffusion: {ldm}\nsteps: 3\n")
+    err = cli_error(sample_cli.main, ["--pipeline", "ldm", "--config", str(tmp_path / "p.yaml"), *base], capsys)
+    assert "steps" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["vae="], "no VAE is given"),
+    (["unet.image_size=16"], "unet.image_size=8"),
+    (["unet.in_channels=3"], "latent_channels (4)"),
+    (["sampler.clip_sample=true"], "sampler.clip_sample=false"),
+    (["space=voxel"], "space must be pixel or latent"),
+])
+def test_latent_config_errors(vaes, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    err = cli_error(diffusion.main, LDM_TINY + [f"vae={vaes[0]}", "train.steps=2", f"train.out_dir={out}", *extra],
+                    capsys)
+    assert message in err
+    assert not out.exists()
+
+
+def test_pixel_config_refuses_a_vae(vaes, tmp_path, capsys):
+    from tests.test_train_diffusion import TINY
+    err = cli_error(diffusion.main, TINY + [f"vae={vaes[0]}", f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert "space is pixel" in err
