@@ -22,16 +22,10 @@ $(BIN)/.installed-test: $(BIN)/.installed pyproject.toml
 
 install: $(BIN)/.installed
 
-$(RUNS)/shapes_classifier/ckpt.pt: | $(BIN)/.installed
-	$(BIN)/python -m train.classifier --config configs/shapes/classifier.yaml
-
-demo: $(BIN)/.installed $(RUNS)/shapes_classifier/ckpt.pt
-	$(BIN)/python -m train.diffusion --config configs/shapes/diffusion_pixel.yaml train.resume=auto
-	$(BIN)/python -m sample --ckpt $(RUNS)/diffusion_pixel/ckpt.pt --prompts-file configs/shapes/demo_prompts.txt \
-		--n 8 --sampler ddim --steps 50 --guidance 3 --seed 0 --out $(RUNS)/demo/samples.png --overwrite
-	$(BIN)/python -m metrics.prompt_accuracy --ckpt $(RUNS)/diffusion_pixel/ckpt.pt \
-		--classifier $(RUNS)/shapes_classifier/ckpt.pt --n 4 --steps 50 --guidance 3 \
-		--out $(RUNS)/demo/prompt_accuracy.json
+# every stage (classifier, judge CLIP, VAE, latent U-Net, samples, metrics) is a command of its own that
+# sample/demo.py calls in turn; finished stages are skipped on a second run
+demo: $(BIN)/.installed
+	$(BIN)/python -m sample.demo --runs $(RUNS)
 
 test: $(BIN)/.installed-test
 	$(BIN)/python -m pytest -n 2 -q tests

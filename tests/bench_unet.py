@@ -14,6 +14,9 @@ Measured with `--iters 12 --inference` on 2 CPU cores (AMD EPYC, torch 2.13 CPU,
     params: ours 10,545,987  diffusers 10,545,859  (difference 128: our null_context)
     training   ours  9.90 samples/s median, 11.15 best   diffusers  9.75 / 10.83   ratio 1.015 median, 1.029 best
     inference  ours 32.23 samples/s median, 35.88 best   diffusers 31.93 / 34.51   ratio 1.009 median, 1.040 best
+Again on an AVX2-only AMD EPYC (no AVX-512), OMP_NUM_THREADS=1, load ~2 (2026-11-30):
+    training   ours  4.71 samples/s median, 4.80 best   diffusers  4.62 / 4.73    ratio 1.020 median, 1.015 best
+    inference  ours 14.67 samples/s median, 15.45 best  diffusers 13.78 / 14.36   ratio 1.065 median, 1.076 best
 The two run the same oneDNN convolutions and MKL matmuls on the same shapes, so parity is what to expect; the
 small edge comes from copies and divisions diffusers does and we skip. Differences of a few % are run-to-run
 noise on a shared machine.
