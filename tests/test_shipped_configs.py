@@ -1,0 +1,43 @@
+"""Every config file shipped under configs/ loads into its component's dataclass (no unknown keys, values of the
+right types) and passes the checks its script makes before it loads any data."""
+from pathlib import Path
+
+import pytest
+
+from models.unet import UNet
+from sample.__main__ import PRESETS, PipelineConfig
+from train import diffusion
+from train.classifier import ClassifierTrainConfig
+from train.clip import ClipTrainConfig
+from train.config import load_config
+from train.text_lm import TextLMTrainConfig
+from train.vae import VAETrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
+         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline": PipelineConfig}
+
+
+def kind_of(path):
+    for prefix, cls in KINDS.items():
+        if path.stem.startswith(prefix):
+            return cls
+    raise AssertionError(f"{path}: no config class for this file name; add its prefix to KINDS")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_loads(path):
+    cfg = load_config(kind_of(path), path)
+    if isinstance(cfg, diffusion.DiffusionConfig):
+        diffusion.check_config(cfg)
+        if cfg.space == "latent":  # diffusion_latent[_x].yaml fits the latents of vae[_x].yaml
+            vae_cfg = load_config(VAETrainConfig, path.with_name(path.stem.replace("diffusion_latent", "vae") + ".yaml"))
+            assert vae_cfg.data.resolution == cfg.data.resolution
+            diffusion.check_latent_config(cfg, vae_cfg.vae)
+        UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
+    if isinstance(cfg, PipelineConfig):
+        assert cfg.preset in PRESETS
+
+
+def test_every_kind_is_shipped():
+    assert {kind_of(p) for p in CONFIGS} == set(KINDS.values())
