@@ -175,7 +175,7 @@ def trained(tmp_path_factory):
 
 def test_training_writes_a_vae_checkpoint(trained, capsys):
     ckpt = load_checkpoint(trained / "ckpt.pt", "vae")
-    assert ckpt["kind"] == "vae" and ckpt["step"] == 3 and ckpt["scale_factor"] > 0
+    assert ckpt["kind"] == "vae" and ckpt["step"] == 3 and ckpt["scale_factor"] > 0 and ckpt["psnr"] > 0
     assert set(ckpt) >= {"config", "model", "ema", "optimizer", "disc", "disc_optimizer", "rng", "scale_factor"}
     model, scale_factor, cfg = load_vae(trained / "ckpt.pt")
     assert scale_factor == ckpt["scale_factor"] and cfg.channels == 8 and not model.training
@@ -187,7 +187,10 @@ def test_training_writes_a_vae_checkpoint(trained, capsys):
 
 def test_resume_continues_exactly(tmp_path, capsys):
     whole = train(tmp_path, "train.steps=5", name="whole")
-    whole_log = log_lines(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    whole_log = log_lines(out)
+    ckpt = load_checkpoint(whole / "ckpt.pt", "vae")
+    assert f"PSNR {ckpt['psnr']:.2f} dB" in out and f"scale_factor {ckpt['scale_factor']:.4f}" in out
     part = train(tmp_path, "train.steps=5", "train.stop_after=3", name="part")
     first_log = log_lines(capsys.readouterr().out)
     with pytest.raises(ValueError, match="before the latent scale factor"):
