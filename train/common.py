@@ -81,6 +81,18 @@ def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def batch_indices(step, batch_size, num_items, seed):
+    """Indices of the global batch at `step`: consecutive slices of a fresh permutation each epoch, so the
+    data order is a function of (seed, step) alone and a resumed run sees the same batches."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), num_items)
+        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out += perm[offset: offset + batch_size - len(out)].tolist()
+    return torch.tensor(out)
+
+
 def shuffled_batches(n, batch_size, generator):
     """Endless batches of indices into n items: a fresh random permutation each epoch (drawn from `generator`
     when the previous one is used up), the last incomplete batch of an epoch dropped."""

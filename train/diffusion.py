@@ -45,9 +45,9 @@ from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_m
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNetConfig
-from train.common import (EMA, autocast, cleanup_distributed, get_device, image_grid, load_checkpoint,
-                          load_weights, rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                          setup_distributed, warmup_cosine)
+from train.common import (EMA, autocast, batch_indices, cleanup_distributed, get_device, image_grid,
+                          load_checkpoint, load_weights, rng_state, run_cli, save_checkpoint, seed_everything,
+                          set_rng_state, setup_distributed, warmup_cosine)
 from train.config import config_to_dict, default_out_dir, format_config, parse_config
 from train.data import DataConfig, load_data
 
@@ -93,18 +93,6 @@ class DiffusionConfig:
     # diffusers' default (an undertrained model's x0_hat at high noise is far outside the data range)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True))
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def batch_indices(step, batch_size, num_items, seed):
-    """Indices of the global batch at `step`: consecutive slices of a fresh permutation each epoch, so the
-    data order is a function of (seed, step) alone and a resumed run sees the same batches."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), num_items)
-        perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out += perm[offset: offset + batch_size - len(out)].tolist()
-    return torch.tensor(out)
 
 
 def check_config(cfg):

@@ -45,11 +45,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
-from train.common import (EMA, autocast, get_device, image_grid, load_checkpoint, load_weights, rng_state, run_cli,
-                          save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
+from train.common import (EMA, autocast, batch_indices, get_device, image_grid, load_checkpoint, load_weights,
+                          rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
 from train.config import config_to_dict, default_out_dir, format_config, parse_config
 from train.data import DataConfig, load_data
-from train.diffusion import batch_indices  # step-addressable batches: a resumed run sees the same data
 
 
 @dataclass
