@@ -149,6 +149,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.n).save(out)
     single_dir.mkdir(parents=True, exist_ok=True)
+    for old in single_dir.glob("[0-9][0-9][0-9][0-9].png"):  # --overwrite: an earlier, larger run's images
+        old.unlink()                                          # must not stay behind without a caption
     from PIL import Image
     with open(single_dir / "metadata.jsonl", "w") as meta:
         for j, (arr, prompt) in enumerate(zip(to_uint8(images), all_prompts)):

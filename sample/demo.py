@@ -45,7 +45,7 @@ SMOKE = {  # a few steps and small data per stage: the chain runs end to end in 
 def build_parser():
     p = argparse.ArgumentParser(description="Train the tiny latent-diffusion pipeline on shapes, sample and judge it.")
     p.add_argument("--runs", default="runs", help="folder of every stage's output (runs/<stage>, runs/demo)")
-    p.add_argument("--fid-images", type=int, default=1000, help="generated and real images for FID and CLIP score")
+    p.add_argument("--fid-images", type=int, default=500, help="generated and real images for FID and CLIP score")
     p.add_argument("--n", type=int, default=8, help="images per prompt in the samples grid")
     p.add_argument("--accuracy-n", type=int, default=4, help="images per prompt for prompt accuracy")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for every sample the demo draws")

@@ -143,3 +143,12 @@ def test_pixel_config_refuses_a_vae(vaes, tmp_path, capsys):
     from tests.test_train_diffusion import TINY
     err = cli_error(diffusion.main, TINY + [f"vae={vaes[0]}", f"train.out_dir={tmp_path / 'run'}"], capsys)
     assert "space is pixel" in err
+
+
+def test_overwrite_leaves_no_stale_images(ldm, tmp_path):
+    """A second run with --overwrite and fewer images leaves exactly its own images beside metadata.jsonl."""
+    base = ["--ckpt", str(ldm), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "g.png")]
+    sample_cli.main(base + ["--n", "3"])
+    sample_cli.main(base + ["--n", "2", "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["0000.png", "0001.png", "metadata.jsonl"]
+    assert len((tmp_path / "g" / "metadata.jsonl").read_text().splitlines()) == 2
