@@ -13,7 +13,8 @@ from torch.distributions import Normal, kl_divergence
 from models.vae import (AutoencoderKL, DiagonalGaussian, NLayerDiscriminator, VAEConfig, adaptive_weight,
                         hinge_d_loss, load_vae)
 from train import vae as train_vae
-from train.common import load_checkpoint, run_cli
+from tests.test_train_diffusion import cli_error as main_cli_error
+from train.common import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,12 +161,7 @@ def log_lines(text):
 
 
 def cli_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_vae.main(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    return err
+    return main_cli_error(train_vae.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
