@@ -193,20 +193,23 @@ def generate(model, tokenizer, schedule, prompts, sampler_cfg: SamplerConfig, ge
     B = len(prompts)
     x_T = torch.randn(B, ucfg.out_channels, ucfg.image_size, ucfg.image_size, generator=generator,
                       device=device)  # (B, C, H, W)
-    scale = sampler_cfg.guidance_scale
-
-    def denoise(x_t, t):
-        if scale == 1.0:  # conditional only: no second pass
-            return model.denoise(x_t, t, text)
-        tokens, mask_, pooled = text
-        both = (torch.cat([tokens, tokens]), torch.cat([mask_, mask_]),
-                None if pooled is None else torch.cat([pooled, pooled]))
-        drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(device)
-        out = model.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, drop_cond=drop)  # (2B, C, H, W)
-        cond, uncond = out.chunk(2)
-        return guidance(cond, uncond, scale)
-
+    denoise = lambda x_t, t: guided_prediction(model, x_t, t, text, sampler_cfg.guidance_scale)
     return sample(denoise, x_T, schedule, sampler_cfg, generator=generator, progress=progress)
+
+
+def guided_prediction(model, x_t, t, text, scale):
+    """The model's output at (x_t, t) under classifier-free guidance with `scale` (1: conditional only, one
+    pass); the conditional and unconditional halves run as one batch of 2B."""
+    if scale == 1.0:
+        return model.denoise(x_t, t, text)
+    B = len(x_t)
+    tokens, mask, pooled = text
+    both = (torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+            None if pooled is None else torch.cat([pooled, pooled]))
+    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
+    out = model.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, drop_cond=drop)  # (2B, C, H, W)
+    cond, uncond = out.chunk(2)
+    return guidance(cond, uncond, scale)
 
 
 def vae_fingerprint(vae, scale_factor):

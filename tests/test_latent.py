@@ -152,3 +152,11 @@ def test_overwrite_leaves_no_stale_images(ldm, tmp_path):
     sample_cli.main(base + ["--n", "2", "--overwrite"])
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["0000.png", "0001.png", "metadata.jsonl"]
     assert len((tmp_path / "g" / "metadata.jsonl").read_text().splitlines()) == 2
+
+
+def test_text_following_bad_input(ldm, tmp_path, capsys):
+    import metrics.text_following as probe
+    err = cli_error(probe.main, ["--ckpt", str(ldm), "--t", "5000"], capsys)
+    assert "--t values must lie in 0..999" in err
+    err = cli_error(probe.main, ["--ckpt", str(ldm), "--classifier", str(tmp_path / "none.pt")], capsys)
+    assert "not found" in err

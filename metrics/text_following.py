@@ -1,0 +1,111 @@
+"""Does the denoiser follow the prompt's words? A probe of one attribute at chosen noise levels.
+
+Prompt accuracy (metrics/prompt_accuracy.py) says how often a sample shows what the prompt asks; this probe
+says where along the noise levels the text takes effect, one attribute at a time. For fresh single-object
+renders x_0 ("a red circle"), a noise level t and every other value of the attribute ("square", "star", ...):
+    x_t   = q(x_t | x_0) (in latent space: of the VAE's scaled posterior mean)
+    x0_hat = the model's guided x_0 prediction at (x_t, t) for the prompt naming the other value
+    decoded (latent space: by the VAE) and read by the shapes attribute classifier
+and reports, over all (image, other value) pairs,
+    follows   the classifier sees the prompt's value             (chance: 1 / number of values)
+    keeps     the classifier sees the image's own value
+At small t the picture decides (keeps -> 1); where x_t no longer shows the attribute a model that reads the
+text follows it, one that does not stays at chance.
+
+    python -m metrics.text_following --ckpt runs/diffusion_latent/ckpt.pt --attribute shape
+    #   t  100 | follows 0.03 | keeps 0.85 ...   t  900 | follows 0.14 | keeps 0.12
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from models.classifier import load_classifier, predict_attributes
+from models.text2image import guided_prediction, load_text2image
+from train.common import get_device, load_checkpoint, run_cli
+from train.shapes import COLOURS, SHAPES, _article, render_dataset
+
+VALUES = {"shape": list(SHAPES), "colour": list(COLOURS)}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Does the denoiser follow one attribute of the prompt, per noise level?")
+    p.add_argument("--ckpt", required=True, help="diffusion checkpoint (pixel or latent)")
+    p.add_argument("--classifier", default="runs/shapes_classifier/ckpt.pt", help="shapes classifier checkpoint")
+    p.add_argument("--vae", help="latent diffusion only: the VAE checkpoint (default: the one stored at training)")
+    p.add_argument("--attribute", choices=sorted(VALUES), default="shape")
+    p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900], help="noise levels (0..T-1)")
+    p.add_argument("--n", type=int, default=64, help="fresh renders per noise level")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=11, help="rendering and noise seed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    return p
+
+
+@torch.no_grad()
+def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, guidance_scale, seed):
+    """images (N, 3, H, W) in [-1, 1] with one object each -> {t: {"follows": f, "keeps": k, "pairs": n}}."""
+    device = next(pipe.model.parameters()).device
+    x = images.to(device)
+    x0 = x if pipe.vae is None else pipe.vae.encode(x).mode() * pipe.scale_factor
+    truth = [a["objects"][0] for a in attributes]
+    out = {}
+    for t_value in timesteps:
+        t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + t_value)).to(device)
+        x_t = pipe.schedule.q_sample(x0, t, noise)
+        follows = keeps = pairs = 0
+        for value in VALUES[attribute]:
+            rows = [i for i, obj in enumerate(truth) if obj[attribute] != value]
+            if not rows:
+                continue
+            objs = [dict(truth[i], **{attribute: value}) for i in rows]
+            prompts = [f"{_article(o['colour'])} {o['colour']} {o['shape']}" for o in objs]
+            ids, mask = pipe.tokenizer(prompts, max_length=pipe.model.text_encoder.cfg.max_length)
+            text = pipe.model.encode_text(ids.to(device), mask.to(device))
+            pred = guided_prediction(pipe.model, x_t[rows], t[rows], text, guidance_scale)
+            x0_hat = pipe.schedule.predict_x0_and_eps(pred, x_t[rows], t[rows])[0]
+            pictures = x0_hat if pipe.vae is None else pipe.vae.decode(x0_hat / pipe.scale_factor)
+            for i, seen in zip(rows, predict_attributes(classifier, pictures.clamp(-1, 1))):
+                got = seen["objects"][0][attribute] if seen["objects"] else None
+                follows += got == value
+                keeps += got == truth[i][attribute]
+                pairs += 1
+        out[t_value] = {"follows": follows / pairs, "keeps": keeps / pairs, "pairs": pairs}
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    device = get_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, "diffusion")
+    T = ckpt["config"]["schedule"]["num_train_timesteps"]
+    if any(not 0 <= t < T for t in args.t):
+        raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
+    if ckpt["config"]["data"]["dataset"] != "shapes":
+        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; the probe needs a model "
+                         f"trained on the built-in shapes")
+    pipe = load_text2image(ckpt, device, vae_path=args.vae)
+    classifier, _ = load_classifier(args.classifier, device)
+    resolution = ckpt["config"]["data"]["resolution"]
+    images, _, attributes = render_dataset(args.n, resolution, args.seed, "train", 1, progress=False)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, R, R)
+    rates = follow_rates(pipe, classifier, images, attributes, args.attribute, args.t, args.guidance, args.seed)
+    chance = 1 / len(VALUES[args.attribute])
+    print(f"{args.attribute}: guided (scale {args.guidance}) x0 predictions for prompts naming another "
+          f"{args.attribute} (chance {chance:.2f}), {args.n} renders")
+    for t, r in rates.items():
+        print(f"  t {t:4d} | follows {r['follows']:.3f} | keeps {r['keeps']:.3f} | {r['pairs']} pairs")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "attribute": args.attribute, "chance": chance,
+                                              "guidance": args.guidance, "rates": rates}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
