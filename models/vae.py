@@ -61,6 +61,11 @@ class VAEConfig:
     mid_attention: bool = True  # single-head self-attention between the two middle ResNets (SD's VAE has it)
     quant_conv: bool = True  # 1x1 convs before the posterior and after sampling (SD 1/2 have them; SD3/Flux do not)
 
+    @property
+    def factor(self):
+        """Downsampling factor f: the latent of an H x W image is (H/f, W/f)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
 
 def validate_config(cfg: VAEConfig):
     """Raise a ValueError naming the problem and the fix; called by AutoencoderKL.__init__."""
@@ -262,7 +267,7 @@ class AutoencoderKL(nn.Module):
     @property
     def factor(self):
         """Downsampling factor f: the latent is (H/f, W/f)."""
-        return 2 ** (len(self.cfg.channel_mult) - 1)
+        return self.cfg.factor
 
     @property
     def last_layer(self):

@@ -1,7 +1,7 @@
 """The README's main job: train a tiny Stable-Diffusion-shaped text-to-image model on the built-in shapes, sample
 from it and judge it. `make demo` runs
 
-    python -m sample.demo [--runs runs] [--fid-images 1000]
+    python -m sample.demo [--runs runs] [--fid-images 500]
 
 Stages, each a command of its own that the demo calls in turn (a finished stage is skipped, a stopped one
 continues from its checkpoint, so running the demo again is cheap):
@@ -54,15 +54,13 @@ def build_parser():
     return p
 
 
-def stage_done(ckpt_path, kind, steps_key):
-    """A stage is done when its checkpoint exists and reached its last step."""
+def stage_done(ckpt_path, kind):
+    """A resumable stage is done when its checkpoint reached train.steps; a VAE also needs its scale factor, which
+    is measured and saved after the last step (None until then)."""
     if not Path(ckpt_path).exists():
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
-    if steps_key is None:
-        return True
-    section, key = steps_key
-    return ckpt.get("step") == ckpt["config"][section][key] and ckpt.get("scale_factor", 0) is not None
+    return ckpt.get("step") == ckpt["config"]["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
 
 
 class Timer:
@@ -133,11 +131,11 @@ def main(argv=None):
     timer.run("VAE", lambda: train.vae.main(
         ["--config", str(CONFIGS / "vae.yaml"), f"train.out_dir={paths['vae'].parent}", "train.resume=auto",
          *smoke("vae")]),
-        skip=stage_done(paths["vae"], "vae", ("train", "steps")))
+        skip=stage_done(paths["vae"], "vae"))
     timer.run("latent U-Net", lambda: train.diffusion.main(
         ["--config", str(CONFIGS / "diffusion_latent.yaml"), f"vae={paths['vae']}",
          f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]),
-        skip=stage_done(paths["diffusion"], "diffusion", ("train", "steps")))
+        skip=stage_done(paths["diffusion"], "diffusion"))
 
     # ---- samples for people to look at
     pipeline = ["--pipeline", "ldm", "--config", str(CONFIGS / "pipeline_ldm.yaml"), "--ckpt", str(paths["diffusion"]),

@@ -119,8 +119,8 @@ def check_config(cfg):
 
 def check_latent_config(cfg, vae_cfg):
     """The U-Net's input must be the VAE's latent: channels and resolution / factor."""
-    factor = 2 ** (len(vae_cfg.channel_mult) - 1)
-    size, ch = cfg.data.resolution // factor, vae_cfg.latent_channels
+    factor, ch = vae_cfg.factor, vae_cfg.latent_channels
+    size = cfg.data.resolution // factor
     if cfg.data.resolution % factor or cfg.unet.image_size != size:
         raise ValueError(f"unet.image_size ({cfg.unet.image_size}) must be data.resolution / the VAE's factor "
                          f"({cfg.data.resolution} / {factor}); set unet.image_size={size}")

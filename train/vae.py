@@ -97,7 +97,7 @@ class VAETrainConfig:
 
 
 def check_config(cfg):
-    f = 2 ** (len(cfg.vae.channel_mult) - 1)
+    f = cfg.vae.factor
     if cfg.data.resolution % f:
         raise ValueError(f"data.resolution ({cfg.data.resolution}) must be divisible by the VAE's factor {f} "
                          f"(2**(len(vae.channel_mult) - 1)); change one of them")
