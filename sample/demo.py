@@ -22,9 +22,19 @@ The text encoder is the small transformer trained jointly with the U-Net (as lat
 text-to-image model, Rombach et al. 2022 Sec. 4.3.1); `text_encoder=clip:<ckpt>` in diffusion_latent.yaml
 swaps in a frozen CLIP as in Stable Diffusion. `--smoke` shrinks every stage to a few steps: a check that the
 whole chain runs (tests/test_demo.py), not a result.
+
+On a machine with two or more cores the two judges (classifier, judge CLIP) train in a child process each, one
+after the other, on one thread, while the VAE trains here on the other threads; the U-Net then has them all.
+Small models use a second thread poorly (the tiny VAE, batch 8, trains in 168 s on one thread and 142 s on two),
+so this saves minutes. The judges' output goes to runs/demo/logs/<stage>.log; `--sequential` runs every stage
+here, in turn.
 """
 import argparse
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +60,8 @@ def build_parser():
     p.add_argument("--accuracy-n", type=int, default=4, help="images per prompt for prompt accuracy")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for every sample the demo draws")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--sequential", action="store_true",
+                   help="train the judges here, one stage after another, instead of beside the VAE")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the chain, gives no result")
     return p
 
@@ -69,17 +81,61 @@ class Timer:
     def __init__(self):
         self.seconds = {}
 
+    def skipped(self, name):
+        print(f"\n==== {name}: done before, skipped", flush=True)
+        self.seconds[name] = 0.0
+
     def run(self, name, fn, skip=False):
         if skip:
-            print(f"\n==== {name}: done before, skipped", flush=True)
-            self.seconds[name] = 0.0
-            return None
+            return self.skipped(name)
         print(f"\n==== {name}", flush=True)
         t0 = time.time()
         out = fn()
         self.seconds[name] = round(time.time() - t0, 1)
         print(f"==== {name}: {self.seconds[name]:.0f} s", flush=True)
         return out
+
+
+class Background:
+    """Stages run one after another, each `python -m <module> <args>` in a child process on one thread, in a thread
+    of this process; `wait()` returns when all are done, or raises a ValueError (one line, as for bad input: a
+    child fails on bad input) with the failed stage's last line and its log."""
+
+    def __init__(self, stages, log_dir, timer):
+        self.stages, self.log_dir, self.timer, self.error = stages, Path(log_dir), timer, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name, _, _ in self.stages:
+            self.timer.seconds[name] = None  # keeps the report's stage order
+            print(f"\n==== {name}: training beside the next stage, one thread, log {self._log(name)}", flush=True)
+        self.thread.start()
+
+    def _log(self, name):
+        return self.log_dir / (name.replace(" ", "_") + ".log")
+
+    def _run(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        for name, module, argv in self.stages:
+            t0 = time.time()
+            with open(self._log(name), "w") as log:
+                code = subprocess.run([sys.executable, "-m", module, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                      env=env).returncode
+            self.timer.seconds[name] = round(time.time() - t0, 1)
+            if code != 0:
+                lines = self._log(name).read_text().strip().splitlines() or [""]
+                self.error = (f"the {name} stage failed (exit code {code}): {lines[-1]} (its whole output is in "
+                              f"{self._log(name)})")
+                return
+
+    def wait(self):
+        self.thread.join()
+        if self.error:
+            raise ValueError(self.error)
+        for name, _, _ in self.stages:
+            print(f"==== {name} (beside): {self.timer.seconds[name]:.0f} s", flush=True)
 
 
 @torch.no_grad()
@@ -121,17 +177,38 @@ def main(argv=None):
     timer = Timer()
     t_start = time.time()
 
-    # ---- the four trained parts
-    timer.run("classifier", lambda: train.classifier.main(
-        ["--config", str(CONFIGS / "classifier.yaml"), f"out_dir={paths['classifier'].parent}", *smoke("classifier")]),
-        skip=paths["classifier"].exists())
-    timer.run("judge CLIP", lambda: train.clip.main(
-        ["--config", str(CONFIGS / "clip_demo.yaml"), f"out_dir={paths['clip'].parent}", *smoke("clip")]),
-        skip=paths["clip"].exists())
+    # ---- the four trained parts: the judges (beside the VAE, or in turn), the VAE, the U-Net
+    judges = []
+    for name, module, argv, path in (
+            ("classifier", "train.classifier",
+             ["--config", str(CONFIGS / "classifier.yaml"), f"out_dir={paths['classifier'].parent}",
+              *smoke("classifier")], paths["classifier"]),
+            ("judge CLIP", "train.clip",
+             ["--config", str(CONFIGS / "clip_demo.yaml"), f"out_dir={paths['clip'].parent}", *smoke("clip")],
+             paths["clip"])):
+        if path.exists():
+            timer.skipped(name)
+        else:
+            judges.append((name, module, argv))
+    vae_done = stage_done(paths["vae"], "vae")
+    beside = None
+    if judges and not vae_done and not args.sequential and (os.cpu_count() or 1) >= 2:
+        beside = Background(judges, demo / "logs", timer)
+        beside.start()
+    else:
+        modules = {"train.classifier": train.classifier, "train.clip": train.clip}
+        for name, module, argv in judges:
+            timer.run(name, lambda: modules[module].main(argv))
+    threads = torch.get_num_threads()
+    if beside:
+        torch.set_num_threads(max(1, threads - 1))
     timer.run("VAE", lambda: train.vae.main(
         ["--config", str(CONFIGS / "vae.yaml"), f"train.out_dir={paths['vae'].parent}", "train.resume=auto",
          *smoke("vae")]),
-        skip=stage_done(paths["vae"], "vae"))
+        skip=vae_done)
+    if beside:
+        torch.set_num_threads(threads)
+        beside.wait()
     timer.run("latent U-Net", lambda: train.diffusion.main(
         ["--config", str(CONFIGS / "diffusion_latent.yaml"), f"vae={paths['vae']}",
          f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]),

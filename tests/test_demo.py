@@ -2,6 +2,8 @@
 and the demo writes its pictures and figures; a second run skips the finished stages."""
 import json
 
+import pytest
+
 from sample import demo
 
 
@@ -28,3 +30,15 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
         assert f"==== {stage}: done before, skipped" in out
     report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0
+
+
+def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
+    timer = demo.Timer()
+    beside = demo.Background([("classifier", "train.classifier", ["num_steps=3"])], tmp_path / "logs", timer)
+    beside.start()
+    with pytest.raises(ValueError, match=r"classifier stage failed \(exit code 2\): error: unknown config key "
+                                         r"'num_steps'.*classifier\.log"):
+        beside.wait()
+    log = (tmp_path / "logs" / "classifier.log").read_text()
+    assert "unknown config key 'num_steps'" in log  # the child's own one-line error is kept for the user
+    assert timer.seconds["classifier"] > 0

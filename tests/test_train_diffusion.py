@@ -98,6 +98,25 @@ def test_ddpm_and_ddim_both_run(trained, tmp_path):
         assert (tmp_path / f"{sampler}.png").is_file()
 
 
+@pytest.mark.parametrize("m, s", [(0.0, 1.0), (0.5, 1.0), (-1.0, 0.6)])
+def test_logit_normal_timesteps_follow_their_distribution(m, s):
+    """SD3 Sec. 3.1: t / T = sigmoid(u), u ~ N(m, s^2), so P(t < k) = Phi((logit(k / T) - m) / s)."""
+    T, n = 1000, 200_000
+    tc = diffusion.TrainConfig(timesteps="logit_normal", logit_mean=m, logit_std=s)
+    t = diffusion.sample_timesteps(tc, T, n, torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() <= T - 1
+    k = torch.arange(1, T, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 1.0).cdf((torch.logit(k / T) - m) / s)  # P(t < k)
+    empirical = torch.bincount(t, minlength=T).cumsum(0)[:-1].double() / n  # P(t <= k - 1)
+    assert (empirical - expected).abs().max() < 0.005  # Kolmogorov-Smirnov distance; 1.36 / sqrt(n) = 0.003
+
+
+def test_uniform_timesteps_are_ddpm_algorithm_1():
+    tc = diffusion.TrainConfig()
+    t = diffusion.sample_timesteps(tc, 1000, 10, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(t, torch.randint(0, 1000, (10,), generator=torch.Generator().manual_seed(3)))
+
+
 def test_bad_training_input(tmp_path, capsys, trained):
     err = cli_error(diffusion.main, TINY + ["unet.chanels=8"], capsys)
     assert "unknown config key 'unet.chanels'; did you mean 'unet.channels'?" in err
@@ -112,6 +131,8 @@ def test_bad_training_input(tmp_path, capsys, trained):
     assert "another model/data config" in err
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={tmp_path / 'none'}", "train.resume=always"], capsys)
     assert "checkpoint not found" in err
+    err = cli_error(diffusion.main, TINY + ["train.timesteps=lognormal"], capsys)
+    assert "train.timesteps must be uniform or logit_normal" in err
 
 
 def test_bad_sampling_input(tmp_path, capsys, trained):

@@ -67,6 +67,9 @@ class TrainConfig:
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
     snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
     snr_plus_one: bool = False    # v-prediction: clamp SNR + 1, not SNR (sd-scripts' variant; see min_snr_weight)
+    timesteps: str = "uniform"    # uniform (DDPM Algorithm 1) | logit_normal (SD3 Sec. 3.1; see sample_timesteps)
+    logit_mean: float = 0.0       # logit_normal: location m; m > 0 trains the noisier steps more
+    logit_std: float = 1.0        # logit_normal: scale s
     bf16: bool = False            # bf16 autocast for forward and loss
     seed: int = 0                 # seeds the model init, the data order and the noise
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
@@ -112,9 +115,24 @@ def check_config(cfg):
                              "sampler.thresholding=false for space=latent")
     if cfg.train.batch_size < 1 or cfg.train.steps < 1:
         raise ValueError("train.batch_size and train.steps must be at least 1")
+    if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
+        raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
+                         f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
     if cfg.train.snr_gamma:  # fails here, not after the data is loaded
         NoiseSchedule(cfg.schedule).min_snr_weight(torch.zeros(1, dtype=torch.long), cfg.train.snr_gamma,
                                                    cfg.train.snr_plus_one)
+
+
+def sample_timesteps(tc, num_timesteps, n, generator, device):
+    """Training timesteps (n,). uniform: t ~ U{0..T-1} (DDPM Algorithm 1). logit_normal: Esser et al. 2024,
+    "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3), arXiv 2403.03206, Sec. 3.1:
+    u ~ N(m, s^2), t = floor(sigmoid(u) T), which puts the training steps in the middle of the noise range (m > 0
+    shifts them to the noisy end, where the layout, and so the prompt's shape, is decided) and, unlike a loss
+    weight, spends the compute there instead of scaling the gradient down elsewhere."""
+    if tc.timesteps == "uniform":
+        return torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    u = tc.logit_mean + tc.logit_std * torch.randn(n, generator=generator, device=device)  # (n,)
+    return (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 def check_latent_config(cfg, vae_cfg):
@@ -260,7 +278,7 @@ def main(argv=None):
         else:  # z ~ N(mu, sigma^2) of the frozen encoder, scaled to unit variance (LDM Sec. 4.3.2)
             mean, std = latent_mean[idx].to(device), latent_std[idx].to(device)  # (b, c, h, w)
             x0 = scale_factor * (mean + std * torch.randn(mean.shape, generator=g, device=device))
-        t = torch.randint(0, cfg.schedule.num_train_timesteps, (local_batch,), generator=g, device=device)
+        t = sample_timesteps(tc, cfg.schedule.num_train_timesteps, local_batch, g, device)  # (b,)
         noise = torch.randn(x0.shape, generator=g, device=device)
         drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob
         for group in optimizer.param_groups:
