@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from train.common import load_checkpoint, run_cli
+from train.config import config_changes, config_to_dict, load_config
 
 CONFIGS = Path("configs/shapes")
 SMOKE = {  # a few steps and small data per stage: the chain runs end to end in about a minute
@@ -66,13 +67,21 @@ def build_parser():
     return p
 
 
-def stage_done(ckpt_path, kind):
-    """A resumable stage is done when its checkpoint reached train.steps; a VAE also needs its scale factor, which
-    is measured and saved after the last step (None until then)."""
+def stage_done(ckpt_path, kind, config_cls, argv):
+    """A training stage is done when its checkpoint was made with the config the demo asks for (`argv`: --config FILE
+    and overrides) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
+    checkpoint of another config (an older preset, say) is an error: the demo neither uses it nor trains over it."""
     if not Path(ckpt_path).exists():
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
-    return ckpt.get("step") == ckpt["config"]["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
+    wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
+    changes = config_changes(ckpt["config"], wanted)
+    if changes:
+        raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ("
+                         f"{'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}); move its folder away or "
+                         f"pass --runs <another folder>")
+    steps = wanted["train"]["steps"] if "train" in wanted else wanted["steps"]
+    return ckpt.get("step") == steps and (kind != "vae" or ckpt["scale_factor"] is not None)
 
 
 class Timer:
@@ -180,41 +189,42 @@ def main(argv=None):
     t_start = time.time()
 
     # ---- the four trained parts: the judges (beside the VAE, or in turn), the VAE, the U-Net
+    argv = {"classifier": ["--config", str(CONFIGS / "classifier.yaml"), f"out_dir={paths['classifier'].parent}",
+                           *smoke("classifier")],
+            "judge CLIP": ["--config", str(CONFIGS / "clip_demo.yaml"), f"out_dir={paths['clip'].parent}",
+                           *smoke("clip")],
+            "VAE": ["--config", str(CONFIGS / "vae.yaml"), f"train.out_dir={paths['vae'].parent}", "train.resume=auto",
+                    *smoke("vae")],
+            "latent U-Net": ["--config", str(CONFIGS / "diffusion_latent.yaml"), f"vae={paths['vae']}",
+                             f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]}
+    done = {"classifier": stage_done(paths["classifier"], "shapes_classifier", train.classifier.ClassifierTrainConfig,
+                                     argv["classifier"]),
+            "judge CLIP": stage_done(paths["clip"], "clip", train.clip.ClipTrainConfig, argv["judge CLIP"]),
+            "VAE": stage_done(paths["vae"], "vae", train.vae.VAETrainConfig, argv["VAE"]),
+            "latent U-Net": stage_done(paths["diffusion"], "diffusion", train.diffusion.DiffusionConfig,
+                                       argv["latent U-Net"])}
     judges = []
-    for name, module, argv, path in (
-            ("classifier", "train.classifier",
-             ["--config", str(CONFIGS / "classifier.yaml"), f"out_dir={paths['classifier'].parent}",
-              *smoke("classifier")], paths["classifier"]),
-            ("judge CLIP", "train.clip",
-             ["--config", str(CONFIGS / "clip_demo.yaml"), f"out_dir={paths['clip'].parent}", *smoke("clip")],
-             paths["clip"])):
-        if path.exists():
+    for name, module in (("classifier", "train.classifier"), ("judge CLIP", "train.clip")):
+        if done[name]:
             timer.skipped(name)
         else:
-            judges.append((name, module, argv))
-    vae_done = stage_done(paths["vae"], "vae")
+            judges.append((name, module))
     beside = None
-    if judges and not vae_done and not args.sequential and (os.cpu_count() or 1) >= 2:
-        beside = Background(judges, demo / "logs", timer)
+    if judges and not done["VAE"] and not args.sequential and (os.cpu_count() or 1) >= 2:
+        beside = Background([(name, module, argv[name]) for name, module in judges], demo / "logs", timer)
         beside.start()
     else:
         modules = {"train.classifier": train.classifier, "train.clip": train.clip}
-        for name, module, argv in judges:
-            timer.run(name, lambda: modules[module].main(argv))
+        for name, module in judges:
+            timer.run(name, lambda: modules[module].main(argv[name]))
     threads = torch.get_num_threads()
     if beside:
         torch.set_num_threads(max(1, threads - 1))
-    timer.run("VAE", lambda: train.vae.main(
-        ["--config", str(CONFIGS / "vae.yaml"), f"train.out_dir={paths['vae'].parent}", "train.resume=auto",
-         *smoke("vae")]),
-        skip=vae_done)
+    timer.run("VAE", lambda: train.vae.main(argv["VAE"]), skip=done["VAE"])
     if beside:
         torch.set_num_threads(threads)
         beside.wait()
-    timer.run("latent U-Net", lambda: train.diffusion.main(
-        ["--config", str(CONFIGS / "diffusion_latent.yaml"), f"vae={paths['vae']}",
-         f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]),
-        skip=stage_done(paths["diffusion"], "diffusion"))
+    timer.run("latent U-Net", lambda: train.diffusion.main(argv["latent U-Net"]), skip=done["latent U-Net"])
 
     # ---- samples for people to look at
     pipeline = ["--pipeline", "ldm", "--config", str(CONFIGS / "pipeline_ldm.yaml"), "--ckpt", str(paths["diffusion"]),

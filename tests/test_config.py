@@ -3,7 +3,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from train.config import ConfigError, config_from_dict, config_to_dict, default_out_dir, load_config
+from train.config import (ConfigError, config_changes, config_from_dict, config_to_dict, default_out_dir,
+                          load_config)
 
 
 @dataclass
@@ -63,3 +64,10 @@ def test_dict_round_trip_is_plain():
 def test_default_out_dir():
     assert default_out_dir("configs/shapes/diffusion_pixel.yaml", "x") == "runs/diffusion_pixel"
     assert default_out_dir(None, "diffusion") == "runs/diffusion"
+
+
+def test_config_changes_names_every_differing_key_and_lets_training_fill_in_unset_values():
+    stored = {"model": {"width": 64, "vocab_size": 376}, "out_dir": "runs/x", "steps": 1000}
+    assert config_changes(stored, stored) == []
+    wanted = {"model": {"width": 32, "vocab_size": 0}, "out_dir": "", "steps": 1000, "seed": 1}
+    assert config_changes(stored, wanted) == ["model.width: 64 -> 32", "seed: '<unset>' -> 1"]

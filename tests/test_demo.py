@@ -6,6 +6,7 @@ import os
 import pytest
 
 from sample import demo
+from train.diffusion import DiffusionConfig
 
 
 def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
@@ -35,6 +36,16 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
         assert f"==== {stage}: done before, skipped" in out
     report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0
+    # a checkpoint of another config (an older preset) is neither used nor trained over
+    ckpt = tmp_path / "diffusion_latent" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    wanted = ["--config", "configs/shapes/diffusion_latent.yaml", f"vae={tmp_path / 'vae' / 'ckpt.pt'}",
+              f"train.out_dir={ckpt.parent}", "train.resume=auto", *demo.SMOKE["diffusion"]]
+    assert demo.stage_done(ckpt, "diffusion", DiffusionConfig, wanted)
+    with pytest.raises(ValueError, match=r"trained with another config than the demo's configs/shapes/"
+                                         r"diffusion_latent.yaml \(unet.channels: 32 -> 48\); move its folder away"):
+        demo.stage_done(ckpt, "diffusion", DiffusionConfig, wanted + ["unet.channels=48"])
+    assert ckpt.read_bytes() == before
 
 
 def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):

@@ -163,6 +163,20 @@ def load_config(cls, config_path=None, overrides=()):
     return config_from_dict(cls, tree)
 
 
+def config_changes(stored, wanted, prefix=""):
+    """The dotted keys whose values differ between a checkpoint's config and a wanted one (both config_to_dict),
+    as 'key: stored -> wanted'. A wanted 0, '' or None is a value the training fills in (a vocabulary size, an
+    output folder) and matches whatever the checkpoint stored."""
+    changes = []
+    for key in sorted(set(stored) | set(wanted), key=lambda k: (k not in stored, k)):
+        a, b = stored.get(key, "<unset>"), wanted.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b and b not in (0, "", None):
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
+
+
 def format_config(cfg):
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None).rstrip()
 
