@@ -109,11 +109,13 @@ class Timer:
 class Background:
     """Stages run one after another, each `python -m <module> <args>` in a child process on one thread, in a thread
     of this process; `wait()` returns when all are done, or raises a ValueError (one line, as for bad input: a
-    child fails on bad input) with the failed stage's last line and its log."""
+    child fails on bad input) with the failed stage's last line and its log. `stop()` ends the running child and
+    the ones after it (the demo calls it when its own stage fails, so no child trains on unseen)."""
 
     def __init__(self, stages, log_dir, timer):
         self.stages, self.log_dir, self.timer, self.error = stages, Path(log_dir), timer, None
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.process, self.stopped, self.lock = None, False, threading.Lock()
 
     def start(self):
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -132,14 +134,25 @@ class Background:
         for name, module, argv in self.stages:
             t0 = time.time()
             with open(self._log(name), "w") as log:
-                code = subprocess.run([sys.executable, "-m", module, *argv], stdout=log, stderr=subprocess.STDOUT,
-                                      env=env).returncode
+                with self.lock:
+                    if self.stopped:
+                        return
+                    self.process = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=log,
+                                                    stderr=subprocess.STDOUT, env=env)
+                code = self.process.wait()
             self.timer.seconds[name] = round(time.time() - t0, 1)
             if code != 0:
                 lines = self._log(name).read_text().strip().splitlines() or [""]
                 self.error = (f"the {name} stage failed (exit code {code}): {lines[-1]} (its whole output is in "
                               f"{self._log(name)})")
                 return
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+        self.thread.join()
 
     def wait(self):
         self.thread.join()
@@ -220,10 +233,15 @@ def main(argv=None):
     threads = torch.get_num_threads()
     if beside:
         torch.set_num_threads(max(1, threads - 1))
-    timer.run("VAE", lambda: train.vae.main(argv["VAE"]), skip=done["VAE"])
-    if beside:
+        try:
+            timer.run("VAE", lambda: train.vae.main(argv["VAE"]))
+        except BaseException:  # an error or Ctrl-C here: the judges stop too
+            beside.stop()
+            raise
         torch.set_num_threads(threads)
         beside.wait()
+    else:
+        timer.run("VAE", lambda: train.vae.main(argv["VAE"]), skip=done["VAE"])
     timer.run("latent U-Net", lambda: train.diffusion.main(argv["latent U-Net"]), skip=done["latent U-Net"])
 
     # ---- samples for people to look at

@@ -2,6 +2,7 @@
 and the demo writes its pictures and figures; a second run skips the finished stages."""
 import json
 import os
+import time
 
 import pytest
 
@@ -58,3 +59,16 @@ def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
     log = (tmp_path / "logs" / "classifier.log").read_text()
     assert "unknown config key 'num_steps'" in log  # the child's own one-line error is kept for the user
     assert timer.seconds["classifier"] > 0
+
+
+def test_stop_ends_the_child_beside_the_vae(tmp_path):
+    """When the demo's own stage fails, the judges' child process is ended, not left training."""
+    timer = demo.Timer()
+    beside = demo.Background([("classifier", "train.classifier", ["steps=100000", f"out_dir={tmp_path / 'c'}"]),
+                              ("judge CLIP", "train.clip", [])], tmp_path / "logs", timer)
+    beside.start()
+    time.sleep(2)
+    t0 = time.time()
+    beside.stop()
+    assert time.time() - t0 < 30 and beside.process.poll() is not None  # terminated, not run to the end
+    assert not (tmp_path / "logs" / "judge_CLIP.log").exists()  # the next stage never started
