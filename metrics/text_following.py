@@ -13,7 +13,7 @@ At small t the picture decides (keeps -> 1); where x_t no longer shows the attri
 text follows it, one that does not stays at chance.
 
     python -m metrics.text_following --ckpt runs/diffusion_latent/ckpt.pt --attribute shape --t 100 300 500 700 900
-    #   t  100 | follows 0.630 | keeps 0.096 ... t  700 | follows 0.607 | keeps 0.070 ... t  900 | follows 0.365
+    #   t  100 | follows 0.557 | keeps 0.177 ... t  700 | follows 0.596 | keeps 0.083 ... t  900 | follows 0.359
     # (the demo's latent U-Net. The earlier preset, 64 channels after 800 steps of 32 images, kept what the picture
     # showed and ignored the shape word: t 100 follows 0.021, keeps 0.865; t 700 follows 0.172, keeps 0.180)
 """
