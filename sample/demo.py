@@ -67,15 +67,15 @@ def build_parser():
     return p
 
 
-def stage_done(ckpt_path, kind, config_cls, argv):
+def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     """A training stage is done when its checkpoint was made with the config the demo asks for (`argv`: --config FILE
-    and overrides) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
+    and overrides; `filled_in`: keys the script sets itself) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
     checkpoint of another config (an older preset, say) is an error: the demo neither uses it nor trains over it."""
     if not Path(ckpt_path).exists():
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
     wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
-    changes = config_changes(ckpt["config"], wanted)
+    changes = config_changes(ckpt["config"], wanted, filled_in)
     if changes:
         raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ("
                          f"{'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}); move its folder away or "
@@ -212,7 +212,8 @@ def main(argv=None):
                              f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]}
     done = {"classifier": stage_done(paths["classifier"], "shapes_classifier", train.classifier.ClassifierTrainConfig,
                                      argv["classifier"]),
-            "judge CLIP": stage_done(paths["clip"], "clip", train.clip.ClipTrainConfig, argv["judge CLIP"]),
+            "judge CLIP": stage_done(paths["clip"], "clip", train.clip.ClipTrainConfig, argv["judge CLIP"],
+                                     train.clip.FILLED_IN),
             "VAE": stage_done(paths["vae"], "vae", train.vae.VAETrainConfig, argv["VAE"]),
             "latent U-Net": stage_done(paths["diffusion"], "diffusion", train.diffusion.DiffusionConfig,
                                        argv["latent U-Net"])}

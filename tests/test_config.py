@@ -66,8 +66,11 @@ def test_default_out_dir():
     assert default_out_dir(None, "diffusion") == "runs/diffusion"
 
 
-def test_config_changes_names_every_differing_key_and_lets_training_fill_in_unset_values():
-    stored = {"model": {"width": 64, "vocab_size": 376}, "out_dir": "runs/x", "steps": 1000}
+def test_config_changes_names_every_differing_key_and_lets_training_fill_in_its_own():
+    stored = {"model": {"width": 64, "vocab_size": 376}, "bf16": True, "snr_gamma": 5.0, "steps": 1000}
     assert config_changes(stored, stored) == []
-    wanted = {"model": {"width": 32, "vocab_size": 0}, "out_dir": "", "steps": 1000, "seed": 1}
-    assert config_changes(stored, wanted) == ["model.width: 64 -> 32", "seed: '<unset>' -> 1"]
+    wanted = {"model": {"width": 32, "vocab_size": 0}, "bf16": False, "snr_gamma": 0.0, "steps": 1000, "seed": 1}
+    assert config_changes(stored, wanted, filled_in=("model.vocab_size",)) == [
+        "bf16: True -> False", "model.width: 64 -> 32", "snr_gamma: 5.0 -> 0.0", "seed: '<unset>' -> 1"]
+    assert "model.vocab_size: 376 -> 0" in config_changes(stored, wanted)  # only the named keys are filled in
+    assert config_changes({"lr": 1}, {"lr": 1.0}) == ["lr: 1 -> 1.0"]  # the same number, another type

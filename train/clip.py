@@ -42,6 +42,8 @@ from train.shapes import ALL_PAIRS, COLOURS, SHAPES, parse_caption, render_datas
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}")
 
 
+FILLED_IN = ("model.text.vocab_size",)  # config keys main() sets before storing the config (train.config.config_changes)
+
 @dataclass
 class ClipTokenizerConfig:
     vocab_size: int = 512  # byte-level BPE trained on the captions: 256 bytes + merges + 3 special tokens
@@ -207,7 +209,7 @@ def main(argv=None):
     # ---- model, optimizer
     model_cfg = CLIPConfig(**{**cfg.model.__dict__, "text": TextEncoderConfig(
         **{**cfg.model.text.__dict__, "vocab_size": tokenizer.vocab_size})})
-    cfg.model = model_cfg  # stored in the checkpoint with the vocabulary size filled in
+    cfg.model = model_cfg  # stored in the checkpoint with the vocabulary size filled in (FILLED_IN)
     model = CLIP(model_cfg).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     n_params = sum(p.numel() for p in model.parameters())

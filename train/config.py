@@ -163,16 +163,16 @@ def load_config(cls, config_path=None, overrides=()):
     return config_from_dict(cls, tree)
 
 
-def config_changes(stored, wanted, prefix=""):
+def config_changes(stored, wanted, filled_in=(), prefix=""):
     """The dotted keys whose values differ between a checkpoint's config and a wanted one (both config_to_dict),
-    as 'key: stored -> wanted'. A wanted 0, '' or None is a value the training fills in (a vocabulary size, an
-    output folder) and matches whatever the checkpoint stored."""
+    as 'key: stored -> wanted'. `filled_in`: dotted keys the training script sets before it stores the config
+    (train/clip.py's FILLED_IN: the vocabulary size its tokenizer came to); any stored value matches them."""
     changes = []
     for key in sorted(set(stored) | set(wanted), key=lambda k: (k not in stored, k)):
         a, b = stored.get(key, "<unset>"), wanted.get(key, "<unset>")
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and b not in (0, "", None):
+            changes += config_changes(a, b, filled_in, f"{prefix}{key}.")
+        elif (type(a), a) != (type(b), b) and prefix + key not in filled_in:  # False != 0, 0.0 != 0
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changes
 
