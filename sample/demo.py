@@ -3,13 +3,13 @@ from it and judge it. `make demo` runs
 
     python -m sample.demo [--runs runs] [--fid-images 500]
 
-Stages, each a command of its own that the demo calls in turn (a finished stage is skipped, a stopped one
-continues from its checkpoint, so running the demo again is cheap):
+Stages, each a command of its own that the demo calls in this order (the classifier beside the VAE: see below; a
+finished stage is skipped, a stopped one continues from its checkpoint, so running the demo again is cheap):
     classifier  python -m train.classifier --config configs/shapes/classifier.yaml   the judge of prompt accuracy
                                                                                       and the FID features
+    VAE         python -m train.vae --config configs/shapes/vae.yaml                  the decoder (and encoder)
     judge CLIP  python -m train.clip --config configs/shapes/clip_demo.yaml           the CLIP of the CLIP score,
                                                                                       trained apart from the generator
-    VAE         python -m train.vae --config configs/shapes/vae.yaml                  the decoder (and encoder)
     U-Net       python -m train.diffusion --config configs/shapes/diffusion_latent.yaml
                                                                                       latent U-Net + its text encoder
     samples     python -m sample --pipeline ldm --config configs/shapes/pipeline_ldm.yaml
@@ -34,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -107,59 +106,40 @@ class Timer:
 
 
 class Background:
-    """Stages run one after another, each `python -m <module> <args>` in a child process on one thread, in a thread
-    of this process; `wait()` returns when all are done, or raises a ValueError (one line, as for bad input: a
-    child fails on bad input) with the failed stage's last line and its log. `stop()` ends the running child and
-    the ones after it (the demo calls it when its own stage fails, so no child trains on unseen)."""
+    """One stage, `python -m <module> <args>`, in a child process on one thread while the demo goes on; its output
+    goes to <log_dir>/<name>.log. `wait()` returns when it is done, or raises a ValueError (one line, as for bad
+    input: a child fails on bad input) with its last line and its log; `stop()` ends it (the demo calls it when its
+    own stage fails or is interrupted, so the child does not train on by itself)."""
 
-    def __init__(self, stages, log_dir, timer):
-        self.stages, self.log_dir, self.timer, self.error = stages, Path(log_dir), timer, None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.process, self.stopped, self.lock = None, False, threading.Lock()
+    def __init__(self, name, module, argv, log_dir, timer):
+        self.name, self.timer, self.log = name, timer, Path(log_dir) / (name.replace(" ", "_") + ".log")
+        self.command = [sys.executable, "-m", module, *argv]
+        self.process = None
 
     def start(self):
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for name, _, _ in self.stages:
-            self.timer.seconds[name] = None  # keeps the report's stage order
-            self.timer.beside.add(name)
-            print(f"\n==== {name}: training beside the next stage, one thread, log {self._log(name)}", flush=True)
-        self.thread.start()
-
-    def _log(self, name):
-        return self.log_dir / (name.replace(" ", "_") + ".log")
-
-    def _run(self):
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.timer.seconds[self.name] = None  # keeps the report's stage order
+        self.timer.beside.add(self.name)
+        print(f"\n==== {self.name}: training beside the next stage, one thread, log {self.log}", flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        for name, module, argv in self.stages:
-            t0 = time.time()
-            with open(self._log(name), "w") as log:
-                with self.lock:
-                    if self.stopped:
-                        return
-                    self.process = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=log,
-                                                    stderr=subprocess.STDOUT, env=env)
-                code = self.process.wait()
-            self.timer.seconds[name] = round(time.time() - t0, 1)
-            if code != 0:
-                lines = self._log(name).read_text().strip().splitlines() or [""]
-                self.error = (f"the {name} stage failed (exit code {code}): {lines[-1]} (its whole output is in "
-                              f"{self._log(name)})")
-                return
+        self.t0 = time.time()
+        with open(self.log, "w") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop(self):
-        with self.lock:
-            self.stopped = True
-            if self.process is not None and self.process.poll() is None:
-                self.process.terminate()
-        self.thread.join()
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
 
     def wait(self):
-        self.thread.join()
-        if self.error:
-            raise ValueError(self.error)
-        for name, _, _ in self.stages:
-            print(f"==== {name} (beside): {self.timer.seconds[name]:.0f} s", flush=True)
+        code = self.process.wait()
+        self.timer.seconds[self.name] = round(time.time() - self.t0, 1)
+        if code != 0:
+            last = (self.log.read_text().strip().splitlines() or [""])[-1]
+            raise ValueError(f"the {self.name} stage failed (exit code {code}): {last} (its whole output is in "
+                             f"{self.log})")
+        print(f"==== {self.name} (beside): {self.timer.seconds[self.name]:.0f} s", flush=True)
 
 
 @torch.no_grad()
@@ -221,7 +201,7 @@ def main(argv=None):
     if done["classifier"]:
         timer.skipped("classifier")
     elif not done["VAE"] and not args.sequential and (os.cpu_count() or 1) >= 2:
-        beside = Background([("classifier", "train.classifier", argv["classifier"])], demo / "logs", timer)
+        beside = Background("classifier", "train.classifier", argv["classifier"], demo / "logs", timer)
         beside.start()
     else:
         timer.run("classifier", lambda: train.classifier.main(argv["classifier"]))
