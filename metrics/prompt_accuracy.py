@@ -98,17 +98,27 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def load_judged(args, what, check=None):
+    """The diffusion checkpoint `args.ckpt` as a pipeline (with `args.vae` in latent space) and the shapes classifier
+    `args.classifier`, on `args.device`, for the scripts that judge a model by the classifier (this one,
+    metrics.text_following). `check(ckpt)` may refuse the checkpoint first. -> (ckpt, pipe, classifier, device)"""
     if args.n < 1:
         raise ValueError("--n must be at least 1")
     device = get_device(args.device)
     ckpt = load_checkpoint(args.ckpt, "diffusion")
-    if not ckpt["config"]["data"]["dataset"] == "shapes":
-        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; prompt accuracy needs "
-                         f"a model trained on the built-in shapes")
+    if check:
+        check(ckpt)
+    if ckpt["config"]["data"]["dataset"] != "shapes":
+        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; {what} needs a model "
+                         f"trained on the built-in shapes")
     pipe = load_text2image(ckpt, device, vae_path=args.vae)
     classifier, _ = load_classifier(args.classifier, device)
+    return ckpt, pipe, classifier, device
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    ckpt, pipe, classifier, device = load_judged(args, "prompt accuracy")
     sampler_cfg = replace(pipe.sampler_cfg, sampler=args.sampler, num_inference_steps=args.steps,
                           guidance_scale=args.guidance)
     max_objects = args.max_objects or ckpt["config"]["data"]["max_objects"]

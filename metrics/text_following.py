@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from models.classifier import load_classifier, predict_attributes
-from models.text2image import guided_prediction, load_text2image
-from train.common import get_device, load_checkpoint, run_cli
+from metrics.prompt_accuracy import load_judged
+from models.classifier import predict_attributes
+from models.text2image import guided_prediction
+from train.common import run_cli
 from train.shapes import COLOURS, SHAPES, _article, render_dataset
 
 VALUES = {"shape": list(SHAPES), "colour": list(COLOURS)}
@@ -81,18 +82,13 @@ def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, gui
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.n < 1:
-        raise ValueError("--n must be at least 1")
-    device = get_device(args.device)
-    ckpt = load_checkpoint(args.ckpt, "diffusion")
-    T = ckpt["config"]["schedule"]["num_train_timesteps"]
-    if any(not 0 <= t < T for t in args.t):
-        raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
-    if ckpt["config"]["data"]["dataset"] != "shapes":
-        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; the probe needs a model "
-                         f"trained on the built-in shapes")
-    pipe = load_text2image(ckpt, device, vae_path=args.vae)
-    classifier, _ = load_classifier(args.classifier, device)
+
+    def check_t(ckpt):
+        T = ckpt["config"]["schedule"]["num_train_timesteps"]
+        if any(not 0 <= t < T for t in args.t):
+            raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
+
+    ckpt, pipe, classifier, _ = load_judged(args, "the probe", check_t)
     resolution = ckpt["config"]["data"]["resolution"]
     images, _, attributes = render_dataset(args.n, resolution, args.seed, "train", 1, progress=False)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, R, R)
