@@ -68,7 +68,7 @@ class UNetConfig:
     channels: int = 64  # base width; level i has channels * channel_mult[i]
     channel_mult: tuple = (1, 2, 2)  # width multiplier per level; len = number of levels
     num_res_blocks: int = 2  # residual blocks per level on the way down (up path has one more, DDPM/LDM)
-    attention_resolutions: tuple = (16, 8)  # feature-map sizes (at image_size) that get transformer blocks
+    attention_resolutions: tuple = (16, 8)  # feature-map sizes (image_size / patch_size / 2^level) with transformer blocks
     num_heads: int = 4  # attention heads; head width = level width / num_heads
     transformer_depth: int = 1  # TransformerBlocks per SpatialTransformer
     context_dim: int = 128  # width of the text token vectors for cross-attention
@@ -78,6 +78,9 @@ class UNetConfig:
     use_scale_shift_norm: bool = True  # True: norm(h)*(1+scale)+shift (iDDPM, Imagen); False: norm(h+emb) (DDPM, SD v1)
     self_attention_max_resolution: int = 0  # >0: no self-attention above this size, cross-attention kept (Imagen SR)
     low_res_channels: int = 0  # >0: super-resolution; a low-res image is upsampled bilinearly and concatenated to x
+    patch_size: int = 1  # >1: the first layer folds p x p pixels into channels (pixel_unshuffle) and the last
+    #                      unfolds them (pixel_shuffle): no feature map at full resolution (simple diffusion,
+    #                      Hoogeboom et al. 2023, "avoiding high resolution feature maps"; DiT's patchify)
 
 
 def validate_config(cfg: UNetConfig):
@@ -94,12 +97,15 @@ def validate_config(cfg: UNetConfig):
             )
         if width % cfg.num_heads != 0:
             raise ValueError(f"level width {width} is not divisible by num_heads={cfg.num_heads}; change num_heads")
-    if cfg.image_size % 2 ** (levels - 1) != 0:
+    if cfg.patch_size < 1:
+        raise ValueError(f"patch_size={cfg.patch_size}; need >= 1 (1 = no patching)")
+    factor = cfg.patch_size * 2 ** (levels - 1)
+    if cfg.image_size % factor != 0:
         raise ValueError(
-            f"image_size={cfg.image_size} is not divisible by 2**(levels-1)={2 ** (levels - 1)}; "
-            f"change image_size or use fewer levels in channel_mult"
+            f"image_size={cfg.image_size} is not divisible by 2**(levels-1) * patch_size={factor}; "
+            f"change image_size or patch_size, or use fewer levels in channel_mult"
         )
-    sizes = [cfg.image_size // 2**i for i in range(levels)]
+    sizes = [cfg.image_size // cfg.patch_size // 2**i for i in range(levels)]
     for r in cfg.attention_resolutions:
         if r not in sizes:
             raise ValueError(
@@ -261,13 +267,15 @@ class UNet(nn.Module):
             # Imagen Sec. 2.4: the noise-augmentation level of the low-res input, embedded like t and added
             self.aug_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.low_res_channels, ch, 3, padding=1)
+        p2 = cfg.patch_size**2  # pixel_unshuffle turns (C, H, W) into (C * p^2, H / p, W / p)
+        self.conv_in = nn.Conv2d((cfg.in_channels + cfg.low_res_channels) * p2, ch, 3, padding=1)
+        top = cfg.image_size // cfg.patch_size  # side of the top level's feature maps
 
         def has_attention(level):
-            return cfg.image_size // 2**level in cfg.attention_resolutions
+            return top // 2**level in cfg.attention_resolutions
 
         def has_self_attention(level):
-            size = cfg.image_size // 2**level
+            size = top // 2**level
             return cfg.self_attention_max_resolution == 0 or size <= cfg.self_attention_max_resolution
 
         # Down path: remember the width of every tensor pushed onto the skip stack
@@ -311,7 +319,7 @@ class UNet(nn.Module):
         assert not skip_widths, "every skip connection must be consumed exactly once"
 
         self.norm_out = nn.GroupNorm(cfg.norm_groups, width)
-        self.conv_out = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, cfg.out_channels * p2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0 (DDPM/ADM convention)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -334,9 +342,9 @@ class UNet(nn.Module):
         B, C, H, W = x.shape
         if C != cfg.in_channels:
             raise ValueError(f"x has {C} channels but cfg.in_channels={cfg.in_channels}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
+        factor = cfg.patch_size * 2 ** (len(cfg.channel_mult) - 1)
         if H % factor != 0 or W % factor != 0:
-            raise ValueError(f"x is {H}x{W}; height and width must be divisible by 2**(levels-1)={factor}")
+            raise ValueError(f"x is {H}x{W}; height and width must be divisible by 2**(levels-1) * patch_size={factor}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)  # (B,)
@@ -397,7 +405,9 @@ class UNet(nn.Module):
         elif low_res is not None or noise_aug_level is not None:
             raise ValueError("low_res/noise_aug_level given but cfg.low_res_channels=0; set low_res_channels")
 
-        # --- the U
+        # --- the U (H, W below are the image's sides divided by patch_size)
+        if cfg.patch_size > 1:
+            x = F.pixel_unshuffle(x, cfg.patch_size)  # (B, C * p^2, H / p, W / p): each p x p patch in channels
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, ch, H, W), NHWC memory
         skips = [h]
         for level, blocks in enumerate(self.down_blocks):
@@ -419,7 +429,9 @@ class UNet(nn.Module):
             if level < len(self.upsamplers):
                 h = self.upsamplers[level](h)  # (B, ch*mult, 2h, 2w)
 
-        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, H, W)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels * p^2, H, W)
+        if cfg.patch_size > 1:
+            h = F.pixel_shuffle(h, cfg.patch_size)  # (B, out_channels, H * p, W * p): back to pixels
         return h.contiguous()  # NCHW memory, like the input
 
     @contextmanager

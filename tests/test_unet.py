@@ -1,6 +1,7 @@
 """Tests for models/unet.py: equality with diffusers' UNet2DConditionModel on random weights, conditioning
 properties (prompt, padding mask, classifier-free-guidance null token), zero-init gradient flow, attention maps,
-Imagen options (pooled vector, super-resolution input, no self-attention at high resolution), bad config, bf16."""
+Imagen options (pooled vector, super-resolution input, no self-attention at high resolution), patching (space-to-depth
+in, depth-to-space out), bad config, bf16."""
 import re
 
 import pytest
@@ -107,6 +108,7 @@ def test_timestep_embedding_equals_diffusers():
     (dict(pooled_dim=7), 16),
     (dict(low_res_channels=3, self_attention_max_resolution=4), 16),
     (dict(), 24),  # fully convolutional: another size divisible by 4
+    (dict(patch_size=2, low_res_channels=3, pooled_dim=7), 16),  # patches of 2x2 pixels: levels 8, 4, 2
 ])
 def test_output_shape_equals_input_shape(overrides, H):
     cfg = tiny(**overrides)
@@ -221,6 +223,25 @@ def test_self_attention_max_resolution_removes_high_res_self_attention():
             assert hasattr(m, "attn2")
 
 
+def test_patch_size_folds_pixels_into_channels_around_an_unpatched_unet():
+    """patch_size p is pixel_unshuffle before conv_in and pixel_shuffle after conv_out, nothing else (simple
+    diffusion Sec. 3.4): the patched U-Net on 16x16 pixels equals, with the same weights, a p = 1 U-Net with
+    in/out channels x p^2 on the 8x8 grid of patches; attention_resolutions are that grid's sizes."""
+    cfg = tiny(patch_size=2, attention_resolutions=(4, 2))
+    patched = randomize(UNet(cfg))
+    inner = UNet(tiny(image_size=8, in_channels=12, out_channels=12, attention_resolutions=(4, 2)))
+    inner.load_state_dict(patched.state_dict())  # same names and shapes: conv_in takes 12, conv_out gives 12
+    x, t, context = inputs(cfg)
+    out = patched(x, t, context)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, F.pixel_shuffle(inner(F.pixel_unshuffle(x, 2), t, context), 2))
+    # channel k of a patch holds pixel (k // 2, k % 2) of it: a change to one pixel stays in its patch's cell of
+    # conv_in's input, so the 2x2 patch grid, not the pixel grid, is what the network sees
+    assert F.pixel_unshuffle(torch.arange(16.0).view(1, 1, 4, 4), 2)[0, :, 0, 0].tolist() == [0, 1, 4, 5]
+    blocks = [n for n, m in patched.named_modules() if isinstance(m, TransformerBlock)]
+    assert len(blocks) == 7  # attention at 4 (1 down + 2 up), 2 (1 + 2) and the middle, as tiny() at 8 and 4
+
+
 # ---------------------------------------------------------------- training from zero-init
 
 def test_gradient_reaches_every_parameter_from_zero_init():
@@ -283,6 +304,8 @@ def test_attention_maps_shape_and_rows_sum_to_one():
     (dict(attention_resolutions=(6,)), "attention resolution 6"),
     (dict(channel_mult=()), "channel_mult"),
     (dict(num_res_blocks=0), "num_res_blocks"),
+    (dict(patch_size=0), "patch_size"),
+    (dict(patch_size=3), "not divisible by .* patch_size=12"),  # 16 is not a multiple of 2**2 * 3
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ValueError, match=message):
