@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import torch
 
 from sample import demo
 from train.diffusion import DiffusionConfig
@@ -47,6 +48,13 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
                                          r"diffusion_latent.yaml \(unet.channels: 32 -> 48\); move its folder away"):
         demo.stage_done(ckpt, "diffusion", DiffusionConfig, wanted + ["unet.channels=48"])
     assert ckpt.read_bytes() == before
+    # a checkpoint made before a config key existed (unet.patch_size) matches that key's default, not a change
+    old = torch.load(ckpt, weights_only=True)
+    del old["config"]["unet"]["patch_size"]
+    torch.save(old, tmp_path / "old.pt")
+    assert demo.stage_done(tmp_path / "old.pt", "diffusion", DiffusionConfig, wanted)
+    with pytest.raises(ValueError, match=r"unet.patch_size: 1 -> 2"):
+        demo.stage_done(tmp_path / "old.pt", "diffusion", DiffusionConfig, wanted + ["unet.patch_size=2"])
 
 
 def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
