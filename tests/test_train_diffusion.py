@@ -128,7 +128,15 @@ def test_bad_training_input(tmp_path, capsys, trained):
     assert (trained / "ckpt.pt").read_bytes() == before
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={trained}", "train.resume=always", "unet.channels=24",
                                             "unet.norm_groups=8"], capsys)
-    assert "another model/data config" in err
+    assert "another model/data config (unet.channels: 16 -> 24)" in err
+    # a checkpoint made before a config key existed (unet.patch_size) resumes: the key takes its default
+    old = torch.load(trained / "ckpt.pt", weights_only=True)
+    del old["config"]["unet"]["patch_size"]
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "ckpt.pt")
+    diffusion.main(TINY + [f"train.out_dir={tmp_path / 'old'}", "train.resume=always", "train.steps=4"])
+    assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["step"] == 4
+    capsys.readouterr()
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={tmp_path / 'none'}", "train.resume=always"], capsys)
     assert "checkpoint not found" in err
     err = cli_error(diffusion.main, TINY + ["train.timesteps=lognormal"], capsys)
