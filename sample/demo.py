@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from train.common import load_checkpoint, run_cli
-from train.config import config_changes, config_from_dict, config_to_dict, load_config
+from train.config import config_to_dict, load_config, stored_config_changes
 
 CONFIGS = Path("configs/shapes")
 SMOKE = {  # a few steps and small data per stage: the chain runs end to end in about a minute
@@ -74,15 +74,10 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
     wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
-    try:  # through the dataclass, so that a key added to it since (with its default) is no change
-        stored = config_to_dict(config_from_dict(config_cls, ckpt["config"]))
-    except ValueError:  # a key removed since: compare as stored, the change is named below
-        stored = ckpt["config"]
-    changes = config_changes(stored, wanted, filled_in)
+    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=filled_in)
     if changes:
-        raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ("
-                         f"{'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}); move its folder away or "
-                         f"pass --runs <another folder>")
+        raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
+                         f"its folder away or pass --runs <another folder>")
     steps = wanted["train"]["steps"] if "train" in wanted else wanted["steps"]
     return ckpt.get("step") == steps and (kind != "vae" or ckpt["scale_factor"] is not None)
 

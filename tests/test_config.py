@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from train.config import (ConfigError, config_changes, config_from_dict, config_to_dict, default_out_dir,
-                          load_config)
+                          load_config, stored_config_changes)
 
 
 @dataclass
@@ -74,3 +74,16 @@ def test_config_changes_names_every_differing_key_and_lets_training_fill_in_its_
         "bf16: True -> False", "model.width: 64 -> 32", "snr_gamma: 5.0 -> 0.0", "seed: '<unset>' -> 1"]
     assert "model.vocab_size: 376 -> 0" in config_changes(stored, wanted)  # only the named keys are filled in
     assert config_changes({"lr": 1}, {"lr": 1.0}) == ["lr: 1 -> 1.0"]  # the same number, another type
+
+
+def test_stored_config_changes_reads_the_checkpoint_through_the_dataclass():
+    wanted = config_to_dict(Outer())
+    older = {"name": "run", "inner": {"channels": 64, "mult": [1, 2]}}  # written before `flag` and `inner.rate`
+    assert stored_config_changes(Outer, older, wanted) == ""  # keys added since take their defaults
+    assert stored_config_changes(Outer, older, config_to_dict(Outer(flag=True))) == "flag: False -> True"
+    removed = {**older, "depth": 3}  # a key the dataclass no longer has: compared as stored, and named
+    assert stored_config_changes(Outer, removed, wanted) == "depth: 3 -> '<unset>'; inner.rate: '<unset>' -> 0.1; " \
+                                                             "flag: '<unset>' -> False"
+    other = config_to_dict(Outer(name="x", flag=True, inner=Inner(channels=8, mult=(1,), rate=0.5)))
+    assert stored_config_changes(Outer, older, other).endswith("; ...")  # four changes, three named
+    assert stored_config_changes(Outer, older, other, sections=("flag",)) == "flag: False -> True"

@@ -177,6 +177,22 @@ def config_changes(stored, wanted, filled_in=(), prefix=""):
     return changes
 
 
+def stored_config_changes(cls, stored, wanted, sections=None, filled_in=()):
+    """How a checkpoint's stored config differs from the wanted one (a config_to_dict of `cls`), as one line
+    'key: stored -> wanted; ...' ('' when they agree). The stored config is read through `cls` first, so a key added
+    to the dataclass since the checkpoint was written counts as its default, not as a change (a key removed since
+    cannot be read: then it is compared as stored and named). `sections`: compare only these top-level keys."""
+    try:
+        stored = config_to_dict(config_from_dict(cls, stored))
+    except ValueError:
+        pass
+    if sections is not None:
+        stored = {k: stored.get(k, "<unset>") for k in sections}
+        wanted = {k: wanted[k] for k in sections}
+    changes = config_changes(stored, wanted, filled_in)
+    return "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
+
+
 def format_config(cfg):
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None).rstrip()
 

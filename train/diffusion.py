@@ -48,7 +48,7 @@ from models.unet import UNetConfig
 from train.common import (EMA, autocast, batch_indices, cleanup_distributed, get_device, image_grid,
                           load_checkpoint, load_weights, rng_state, run_cli, save_checkpoint, seed_everything,
                           set_rng_state, setup_distributed, warmup_cosine)
-from train.config import config_changes, config_from_dict, config_to_dict, default_out_dir, format_config, parse_config
+from train.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
 from train.data import DataConfig, load_data
 
 
@@ -185,16 +185,10 @@ def main(argv=None):
     if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
         resumed = load_checkpoint(ckpt_path, "diffusion")
         fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder")  # train and sampler settings may change
-        try:  # through the dataclass: keys added since (space, unet.patch_size) take their defaults
-            old = config_to_dict(config_from_dict(DiffusionConfig, resumed["config"]))
-        except ValueError:  # a key removed since: compared as stored
-            old = resumed["config"]
-        new = config_to_dict(cfg)
-        changes = config_changes({k: old.get(k) for k in fixed + ("space",)}, {k: new[k] for k in fixed + ("space",)})
+        changes = stored_config_changes(DiffusionConfig, resumed["config"], config_to_dict(cfg), fixed + ("space",))
         if changes:
-            raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config "
-                             f"({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''}); resume with the "
-                             f"same config or choose another train.out_dir")
+            raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config ({changes}); "
+                             f"resume with the same config or choose another train.out_dir")
         if vae is not None and resumed.get("vae") != fingerprint:
             raise ValueError(f"cannot resume: {ckpt_path} was trained on the latents of another VAE than "
                              f"{cfg.vae}; give the same VAE or choose another train.out_dir")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
 from train.common import (EMA, autocast, batch_indices, get_device, image_grid, load_checkpoint, load_weights,
                           rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
-from train.config import config_to_dict, default_out_dir, format_config, parse_config
+from train.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
 from train.data import DataConfig, load_data
 
 
@@ -165,9 +165,10 @@ def main(argv=None):
     if resume_from:
         resumed = load_checkpoint(resume_from, "vae")
         fixed = ("data", "vae", "loss")  # train settings (steps, lr, logging) may change
-        if any(resumed["config"][k] != config_to_dict(cfg)[k] for k in fixed):
-            raise ValueError(f"cannot resume: {resume_from} was made with another data/vae/loss config; resume with "
-                             f"the same config or choose another train.out_dir")
+        changes = stored_config_changes(VAETrainConfig, resumed["config"], config_to_dict(cfg), fixed)
+        if changes:
+            raise ValueError(f"cannot resume: {resume_from} was made with another data/vae/loss config ({changes}); "
+                             f"resume with the same config or choose another train.out_dir")
 
     # ---- data: training images in memory; held-out images rendered with another seed (or split off)
     images = load_data(cfg.data).images  # (N, 3, H, W) uint8
