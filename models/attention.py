@@ -17,6 +17,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+# torch 2.13's fused CPU attention in bf16 packs its operands with AVX-512 VNNI instructions whenever the processor
+# has them, then refuses ("pack_vnni2 is only supported when avx512 is supported") when ATen's dispatch was lowered
+# below AVX-512 (ATEN_CPU_CAPABILITY=avx2 or default), for sequences of about 64 tokens and more. There the
+# reference (math) kernel computes the same Eq. 1.
+_CPU_HALF_NEEDS_MATH = torch.backends.cpu.get_cpu_capability() != "AVX512"
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0):
+    """F.scaled_dot_product_attention (Vaswani Eq. 1) on (B, h, N, d) queries and (B, h, M, d) keys and values,
+    with the math kernel where torch's fused CPU kernel fails (bf16 / fp16 below AVX-512 dispatch, see above)."""
+    if _CPU_HALF_NEEDS_MATH and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
@@ -63,7 +80,7 @@ class Attention(nn.Module):
             self.last_weights = weights.detach()
             out = F.dropout(weights, self.dropout, self.training) @ v  # (B, h, N, d)
         else:
-            out = F.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
             )  # (B, h, N, d)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, h*d)

@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from models.attention import scaled_dot_product_attention
 from models.text_encoder import TextEncoderConfig
 
 
@@ -93,7 +94,7 @@ class MultiheadSelfAttention(nn.Module):
         """x (B, N, D); mask None or bool (B or 1, 1, N, N), True = may attend."""
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, N, D)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, N, D)
 
 

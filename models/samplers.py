@@ -44,7 +44,8 @@ Agreement with diffusers 0.42 (tests/test_samplers.py checks every statement her
        uses the model's eps_hat, not one re-derived from the clipped x0_hat. Setting both clip_sample and
        thresholding is an error here (diffusers silently ignores clip_sample).
     5. DDIM with eta = 1 from a zero-SNR step (abar_t = 0): 1 - abar_prev - sigma^2 is exactly 0 but can round to
-       -1 ulp in float32; we clamp it at 0, diffusers takes its square root and returns NaN.
+       -1 ulp in float32 (whether it does depends on abar_prev, and so on how the machine computed the schedule);
+       we clamp it at 0, diffusers takes its square root and returns NaN there.
 """
 
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ class SamplerConfig:
     clip_sample_range: float = 1.0      # bound of the static clipping
     thresholding: bool = False          # Imagen dynamic thresholding of x0_hat (pixel space; not for latents)
     dynamic_thresholding_ratio: float = 0.995  # percentile p of |x0_hat| that sets the threshold s
-    sample_max_value: float = 1.0       # upper bound on s (diffusers' cap; 1.0 makes it static clipping to [-1, 1])
+    sample_max_value: float = 1.0       # upper bound on s: diffusers' default 1.0 makes it static clipping to [-1, 1];
+                                        # Imagen has none (.inf); DeepFloyd IF uses 1.5
     set_alpha_to_one: bool = True       # DDIM only: abar of the step past t=0 is 1 (else abar_0); DDPM always uses 1
 
     def __post_init__(self):

@@ -327,6 +327,20 @@ class BPETokenizer:
             mask[b, : len(row)] = True
         return ids, mask
 
+    def over_length(self, texts, max_length):
+        """How many of `texts` are longer than max_length tokens with <start> and <end> (those that
+        truncate=True cuts to max_length), and the length of the longest of them (0 when none is)."""
+        over = [n for n in (len(self.encode(t)) + 2 for t in texts) if n > max_length]
+        return len(over), max(over, default=0)
+
+    def truncation_report(self, texts, max_length):
+        """One line for a training script to print when it tokenizes with truncate=True, '' when nothing is cut."""
+        n, longest = self.over_length(texts, max_length)
+        if not n:
+            return ""
+        return (f"{n} of {len(texts)} caption(s) are longer than max_length={max_length} tokens (the longest "
+                f"{longest}, with <start> and <end>); they were cut to their first {max_length - 1} tokens + <end>")
+
     # ------------------------------------------------------------------ properties and state
     @property
     def vocab_size(self):

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from models.attention import scaled_dot_product_attention
 from models.unet import Upsample
 
 
@@ -158,7 +159,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")  # (B, 1 head, H*W, C)
-        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # (B, 1, H*W, C), Vaswani Eq. 1
+        h = scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # (B, 1, H*W, C), Vaswani Eq. 1
         h = self.to_out[0](h)  # (B, 1, H*W, C)
         return x + rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
 

@@ -23,11 +23,13 @@ Refuses to overwrite existing outputs unless --overwrite is given.
 """
 import argparse
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from models.samplers import SamplerConfig
 from models.text2image import load_text2image
 from train.common import get_device, image_grid, load_checkpoint, run_cli, to_uint8
 from train.config import load_config
@@ -76,7 +78,13 @@ def build_parser():
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = conditional only)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help="timestep spacing")
-    p.add_argument("--dynamic-threshold", action="store_true", help="Imagen's dynamic thresholding of x0")
+    p.add_argument("--dynamic-threshold", action="store_true",
+                   help="Imagen's dynamic thresholding of x0_hat (Sec. 2.3): s = the --threshold-ratio percentile of "
+                        "|x0_hat|, at least 1 and at most --threshold-max; x0_hat <- clip(x0_hat, -s, s) / s")
+    p.add_argument("--threshold-ratio", type=float, help="dynamic thresholding: the percentile p (default 0.995, "
+                   "Imagen's 99.5%%)")
+    p.add_argument("--threshold-max", type=float, help="dynamic thresholding: the cap on s (default: none, as in "
+                   "Imagen; DeepFloyd IF uses 1.5; 1 would be static clipping)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="images generated at once")
     p.add_argument("--truncate", action="store_true", help="cut prompts over the token limit instead of failing")
@@ -106,6 +114,25 @@ def pipeline_config(args) -> PipelineConfig:
     return cfg
 
 
+def sampler_settings(args, stored: SamplerConfig, preset, space) -> SamplerConfig:
+    """The checkpoint's sampler settings, then the preset's, then the flags'."""
+    cfg = replace(stored, **PRESETS[preset]) if preset else stored
+    overrides = {"sampler": args.sampler, "num_inference_steps": args.steps, "eta": args.eta,
+                 "guidance_scale": args.guidance, "timestep_spacing": args.spacing}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if not args.dynamic_threshold:
+        if args.threshold_ratio is not None or args.threshold_max is not None:
+            raise ValueError("--threshold-ratio and --threshold-max set dynamic thresholding; add --dynamic-threshold")
+        return cfg
+    if space == "latent":
+        raise ValueError("--dynamic-threshold is for pixel space (latents are not bounded to [-1, 1]); drop it")
+    ratio = 0.995 if args.threshold_ratio is None else args.threshold_ratio
+    cap = math.inf if args.threshold_max is None else args.threshold_max
+    if not (0 < ratio <= 1 and cap >= 1):
+        raise ValueError(f"--threshold-ratio must be in (0, 1] and --threshold-max at least 1, got {ratio} and {cap}")
+    return replace(cfg, thresholding=True, clip_sample=False, dynamic_thresholding_ratio=ratio, sample_max_value=cap)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     prompts = read_prompts(args)
@@ -126,14 +153,7 @@ def main(argv=None):
                          f"space diffusion checkpoint but {pipe_cfg.diffusion} is {space}-space")
     pipe = load_text2image(ckpt, device, use_ema=not args.no_ema, vae_path=args.vae or pipe_cfg.vae or None)
     preset = args.preset or (pipe_cfg.preset if args.pipeline else None)
-    sampler_cfg = replace(pipe.sampler_cfg, **PRESETS[preset]) if preset else pipe.sampler_cfg
-    overrides = {"sampler": args.sampler, "num_inference_steps": args.steps, "eta": args.eta,
-                 "guidance_scale": args.guidance, "timestep_spacing": args.spacing}
-    sampler_cfg = replace(sampler_cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if args.dynamic_threshold:
-        if space == "latent":
-            raise ValueError("--dynamic-threshold is for pixel space (latents are not bounded to [-1, 1]); drop it")
-        sampler_cfg = replace(sampler_cfg, thresholding=True, clip_sample=False)
+    sampler_cfg = sampler_settings(args, pipe.sampler_cfg, preset, space)
     pipe.check_prompts(prompts, truncate=args.truncate)  # fail on every bad prompt before any compute
 
     all_prompts = [p for p in prompts for _ in range(args.n)]

@@ -64,3 +64,30 @@ def test_masked_key_changes_nothing():
 def test_width_not_divisible_by_heads_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible"):
         Attention(30, heads=4)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_bf16_attention_runs_under_lowered_cpu_dispatch(capability):
+    """With ATen's CPU dispatch lowered below AVX-512 (ATEN_CPU_CAPABILITY), torch 2.13's fused bf16 kernel fails
+    for long sequences on processors that have AVX-512 bf16; ours falls back to the math kernel there and gives
+    the float32 result to bf16 precision."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import torch\n"
+            "from models.attention import Attention\n"
+            "torch.manual_seed(0)\n"
+            "attn = Attention(32, heads=2).eval()\n"
+            "x = torch.randn(2, 256, 32)\n"
+            "with torch.no_grad():\n"
+            "    full = attn(x)\n"
+            "    half = attn.bfloat16()(x.bfloat16()).float()\n"
+            "assert (half - full).abs().max() < 0.05, (half - full).abs().max()\n"
+            "print('ok', torch.backends.cpu.get_cpu_capability())\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.split() == ["ok", capability.upper()]

@@ -80,3 +80,15 @@ def test_image_grid_layout():
     assert grid.size == (2 * 5 + 3, 2 * 4 + 3)
     px = grid.load()
     assert px[1, 1] == (0, 0, 0) and px[7, 1] == (255, 255, 255) and px[1, 6] == (128, 128, 128)
+
+
+def test_ema_refuses_a_checkpoint_of_another_decay():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.999)
+    ema.update(model)
+    state = ema.state_dict()
+    with pytest.raises(ValueError, match="EMA decay is 0.999 but this run asks for 0.99"):
+        EMA(model, decay=0.99).load_state_dict(state)
+    again = EMA(model, decay=0.999)
+    again.load_state_dict(state)
+    assert again.num_updates == 1

@@ -224,3 +224,14 @@ def test_end_of_word_convention_clip_style():
     assert tok.decode(ids) == "low lowest "
     batch, mask = tok(["low"], max_length=5)
     assert batch[0].tolist() == [tok.start_id, vocab.index("low</w>"), tok.end_id, 0, 0]
+
+
+def test_over_length_counts_what_truncation_cuts(tok):
+    texts = ["a red circle", "a small red circle above a large blue square " * 3, "a star"]
+    lengths = [len(tok.encode(t)) + 2 for t in texts]
+    L = lengths[1] - 1  # only the second is too long
+    assert tok.over_length(texts, L) == (1, lengths[1])
+    ids, mask = tok(texts, max_length=L, truncate=True)
+    assert mask[1].all() and ids[1, -1] == tok.end_id  # the one counted is the one cut
+    assert tok.over_length(texts, max(lengths)) == (0, 0) and tok.truncation_report(texts, max(lengths)) == ""
+    assert tok.truncation_report(texts, L).startswith(f"1 of 3 caption(s) are longer than max_length={L}")

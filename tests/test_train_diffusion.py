@@ -137,6 +137,11 @@ def test_bad_training_input(tmp_path, capsys, trained):
     diffusion.main(TINY + [f"train.out_dir={tmp_path / 'old'}", "train.resume=always", "train.steps=4"])
     assert torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)["step"] == 4
     capsys.readouterr()
+    before = (trained / "ckpt.pt").read_bytes()
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={trained}", "train.resume=always", "train.steps=4",
+                                            "train.ema_decay=0.99"], capsys)
+    assert "EMA decay is 0.999 but this run asks for 0.99; resume with train.ema_decay=0.999" in err
+    assert (trained / "ckpt.pt").read_bytes() == before
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={tmp_path / 'none'}", "train.resume=always"], capsys)
     assert "checkpoint not found" in err
     err = cli_error(diffusion.main, TINY + ["train.timesteps=lognormal"], capsys)
@@ -160,6 +165,22 @@ def test_bad_sampling_input(tmp_path, capsys, trained):
     assert "already exists" in err and (tmp_path / "x.png").read_bytes() == b"keep me"
     sample_cli.main(base + ["--prompt", long_prompt, "--truncate", "--overwrite"])  # explicit truncation works
     assert (tmp_path / "x.png").read_bytes() != b"keep me"
+
+
+def test_training_says_how_many_captions_it_cut(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    captions = ["a red circle", "a blue square " + "and a green star " * 6, "a star"]
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for i, caption in enumerate(captions):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+            meta.write(f'{{"file_name": "{i}.png", "text": "{caption}"}}\n')
+    train(tmp_path, f"data.dataset=folder:{folder}", "data.num_images=0", "train.batch_size=3", "train.steps=1",
+          "tokenizer.vocab_size=260")
+    out = capsys.readouterr().out
+    n, longest = re.search(r"(\d+) of 3 caption\(s\) are longer than max_length=16 tokens \(the longest (\d+)",
+                           out).groups()
+    assert n == "1" and int(longest) > 16
 
 
 def test_ddp_two_processes_on_gloo(tmp_path):

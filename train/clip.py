@@ -201,9 +201,9 @@ def main(argv=None):
     tokenizer = build_tokenizer(cfg, data.captions)
     L = cfg.model.text.max_length
     all_ids, all_mask = tokenizer(data.captions, max_length=L, truncate=True)  # (N, L)
-    n_cut = sum(len(tokenizer.encode(c)) + 2 > L for c in data.captions)
-    if n_cut:
-        print(f"{n_cut} caption(s) longer than {L} tokens were cut to the first {L - 1} tokens + <end>", flush=True)
+    cut = tokenizer.truncation_report(data.captions, L)
+    if cut:
+        print(cut, flush=True)
     N = len(data)
 
     # ---- model, optimizer

@@ -130,7 +130,15 @@ class EMA:
     def state_dict(self):
         return {"weights": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
 
+    @staticmethod
+    def check_decay(state, decay):
+        """Refuse to resume an EMA with another decay: that would silently change what it averages."""
+        if state["decay"] != decay:
+            raise ValueError(f"the checkpoint's EMA decay is {state['decay']} but this run asks for {decay}; "
+                             f"resume with train.ema_decay={state['decay']} or choose another train.out_dir")
+
     def load_state_dict(self, state):
+        self.check_decay(state, self.decay)
         load_weights(self.model, state["weights"], "EMA weights")
         self.num_updates = state["num_updates"]
 

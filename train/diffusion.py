@@ -189,6 +189,7 @@ def main(argv=None):
         if changes:
             raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config ({changes}); "
                              f"resume with the same config or choose another train.out_dir")
+        EMA.check_decay(resumed["ema"], tc.ema_decay)  # before the data loads
         if vae is not None and resumed.get("vae") != fingerprint:
             raise ValueError(f"cannot resume: {ckpt_path} was trained on the latents of another VAE than "
                              f"{cfg.vae}; give the same VAE or choose another train.out_dir")
@@ -205,6 +206,9 @@ def main(argv=None):
     else:
         tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size, progress=is_main)
     all_ids, all_mask = tokenizer(data.captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
+    cut = tokenizer.truncation_report(data.captions, cfg.text.max_length)
+    if cut and is_main:
+        print(cut, flush=True)
     if vae is not None:
         vae = vae.to(device)
         latent_mean, latent_std = encode_latents(vae, data, device, progress=is_main)  # (N, c, h, w) each

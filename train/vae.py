@@ -169,6 +169,8 @@ def main(argv=None):
         if changes:
             raise ValueError(f"cannot resume: {resume_from} was made with another data/vae/loss config ({changes}); "
                              f"resume with the same config or choose another train.out_dir")
+        if tc.ema_decay > 0 and resumed.get("ema"):
+            EMA.check_decay(resumed["ema"], tc.ema_decay)  # before the data loads
 
     # ---- data: training images in memory; held-out images rendered with another seed (or split off)
     images = load_data(cfg.data).images  # (N, 3, H, W) uint8
