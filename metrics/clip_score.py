@@ -14,7 +14,7 @@ printed.
 
     python -m metrics.clip_score --clip runs/clip_eval/ckpt.pt --images runs/demo/samples
     python -m metrics.clip_score --images runs/demo/samples --shuffle      # captions permuted: the chance level
-    python -m train.shapes --export runs/shapes_renders --num-images 1000 --seed 7   # true renders, to compare
+    python -m data.shapes --export runs/shapes_renders --num-images 1000 --seed 7   # true renders, to compare
     python -m metrics.clip_score --images runs/shapes_renders   # torchmetrics 90.77, CLIP-S 2.2692 (clip_eval.yaml)
 
 --images is a folder written by `python -m sample` (a metadata.jsonl of file_name, text), or any Hugging Face
@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-from models.clip import load_clip
-from train.clip import embed_images, embed_texts
-from train.common import get_device, run_cli
-from train.data import DataConfig, load_data
+from core.runtime import get_device, run_cli
+from data.dataset import DataConfig, load_data
+from models.clip import embed_images, embed_texts, load_clip
 
 HESSEL_W = 2.5  # Hessel et al. Sec. 3: w = 2.5 stretches the range of cos (rarely above 0.4) towards [0, 1]
 

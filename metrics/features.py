@@ -10,7 +10,7 @@ give a silently wrong number:
     mixed sizes                      a set of images is one size (the file and both sizes are named)
     grey images                      FID networks read RGB; replicating one channel three times is a choice
                                      to make on purpose (convert the files first), not by accident
-Every error is one line (a ValueError / FileNotFoundError that train.common.run_cli prints, exit code 2).
+Every error is one line (a ValueError / FileNotFoundError that core.runtime.run_cli prints, exit code 2).
 
 Feature networks (`--features`):
     inception          the FID Inception (metrics/inception.py), pool3 (2048-d); with the published weights
@@ -19,7 +19,7 @@ Feature networks (`--features`):
                        the global average of its last feature map (c-d, the input of its last linear
                        layer, as pool3 is for Inception). Works offline, but the figures are NOT comparable
                        with published FIDs, and every output says so.
-Images travel as uint8 (B, 3, H, W); generated images in [-1, 1] become uint8 first (train.common.to_uint8),
+Images travel as uint8 (B, 3, H, W); generated images in [-1, 1] become uint8 first (core.images.to_uint8),
 exactly what saving them as PNG would give.
 """
 from dataclasses import dataclass

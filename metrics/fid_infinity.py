@@ -29,8 +29,8 @@ import textwrap
 import numpy as np
 import torch
 
-from metrics.fid import psd_eigenvalues, sqrt_factor, stats_of, symmetric
-from train.common import run_cli
+from core.runtime import run_cli
+from metrics.frechet import psd_eigenvalues, sqrt_factor, stats_of, symmetric
 
 
 def subset_fid(features, mu_b, sigma_b, factor_b=None):
@@ -119,8 +119,8 @@ def main(argv=None):
     ~0, yet every FID_N is > 0); A, shifted: renders of the held-out (colour, shape) pairs."""
     from pathlib import Path
 
+    from data.shapes import render_dataset
     from metrics.features import image_batches, load_feature_net
-    from train.shapes import render_dataset
 
     args = build_parser().parse_args(argv)
     net = load_feature_net(args.features)

@@ -9,13 +9,13 @@ attribute classifier of models/classifier.py (train it with `python -m train.cla
     python -m metrics.prompt_accuracy --ckpt runs/diffusion_pixel/ckpt.pt \
         --classifier runs/shapes_classifier/ckpt.pt --n 4 --sampler ddim --steps 50 --guidance 3
 
-Prompts: train.shapes.eval_prompts for the held-in (colour, shape) pairs ("heldin") and for the held-out pairs
+Prompts: data.claims.eval_prompts for the held-in (colour, shape) pairs ("heldin") and for the held-out pairs
 that never appear in training ("heldout": compositional generalisation). Per image and per claim:
     count      the number of detected objects equals the prompt's
     colour     each object of the prompt is paired with a detected object (exact colour+shape match first,
     shape      then shape, then colour, then any) and the pair agrees on that attribute
     size       likewise, only for objects whose size the prompt states
-    relation   both objects found exactly and train.shapes.relation_holds on the detected centres
+    relation   both objects found exactly and data.shapes.relation_holds on the detected centres
     overall    every claim of the prompt right (GenEval's per-image score)
 Prints one line per split, writes the figures to --out (JSON) and a grid per split beside it.
 """
@@ -26,48 +26,14 @@ from pathlib import Path
 
 import torch
 
+from core.checkpoint import load_checkpoint
+from core.images import image_grid
+from core.runtime import get_device, run_cli
+from data.claims import eval_prompts, judge
 from models.classifier import load_classifier, predict_attributes
 from models.text2image import load_text2image
-from train.common import get_device, image_grid, load_checkpoint, run_cli
-from train.shapes import eval_prompts, relation_holds
 
 ATTRIBUTES = ("count", "colour", "shape", "size", "relation", "overall")
-
-
-def pair_objects(expected, detected):
-    """Pair each expected object with a distinct detected one: exact (colour, shape) first, then shape,
-    then colour, then any. Returns a list aligned with `expected` (None where nothing was left)."""
-    left = list(range(len(detected)))
-    pairs = [None] * len(expected)
-    rules = (lambda e, d: e["colour"] == d["colour"] and e["shape"] == d["shape"],
-             lambda e, d: e["shape"] == d["shape"], lambda e, d: e["colour"] == d["colour"], lambda e, d: True)
-    for rule in rules:
-        for i, e in enumerate(expected):
-            if pairs[i] is None:
-                match = next((j for j in left if rule(e, detected[j])), None)
-                if match is not None:
-                    pairs[i] = detected[match]
-                    left.remove(match)
-    return pairs
-
-
-def judge(expected, detected):
-    """One image: {claim: True/False} for each claim the prompt makes (claims it does not make are absent)."""
-    pairs = pair_objects(expected["objects"], detected["objects"])
-    result = {"count": detected["count"] == expected["count"]}
-    exact = []
-    for e, d in zip(expected["objects"], pairs):
-        for key in ("colour", "shape") + (("size",) if e["size"] is not None else ()):
-            result.setdefault(key, []).append(d is not None and d[key] == e[key])
-        exact.append(d is not None and all(d[k] == e[k] for k in ("colour", "shape"))
-                     and (e["size"] is None or d["size"] == e["size"]))
-    for key in ("colour", "shape", "size"):
-        if key in result:
-            result[key] = all(result[key])
-    if expected["relation"] is not None:
-        result["relation"] = exact[0] and exact[1] and relation_holds(pairs[0], pairs[1], expected["relation"])
-    result["overall"] = all(exact) and all(result.values())
-    return result
 
 
 def summarise(judgements):

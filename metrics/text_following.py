@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from core.runtime import run_cli
+from data.shapes import COLOURS, SHAPES, article, render_dataset
 from metrics.prompt_accuracy import load_judged
 from models.classifier import predict_attributes
 from models.text2image import guided_prediction
-from train.common import run_cli
-from train.shapes import COLOURS, SHAPES, _article, render_dataset
 
 VALUES = {"shape": list(SHAPES), "colour": list(COLOURS)}
 
@@ -65,7 +65,7 @@ def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, gui
             if not rows:
                 continue
             objs = [dict(truth[i], **{attribute: value}) for i in rows]
-            prompts = [f"{_article(o['colour'])} {o['colour']} {o['shape']}" for o in objs]
+            prompts = [f"{article(o['colour'])} {o['colour']} {o['shape']}" for o in objs]
             ids, mask = pipe.tokenizer(prompts, max_length=pipe.model.text_encoder.cfg.max_length)
             text = pipe.model.encode_text(ids.to(device), mask.to(device))
             pred = guided_prediction(pipe.model, x_t[rows], t[rows], text, guidance_scale)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
 # torch 2.13's fused CPU attention in bf16 packs its operands with AVX-512 VNNI instructions whenever the processor
 # has them, then refuses ("pack_vnni2 is only supported when avx512 is supported") when ATen's dispatch was lowered
 # below AVX-512 (ATEN_CPU_CAPABILITY=avx2 or default), for sequences of about 64 tokens and more. There the

@@ -1,4 +1,4 @@
-"""Shapes attribute classifier: reads an image of train/shapes.py (rendered or generated) and says what is in it,
+"""Shapes attribute classifier: reads an image of data/shapes.py (rendered or generated) and says what is in it,
 so a text-to-image model can be scored on whether its images show what the prompt asked for. This is the
 GenEval idea (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image
 Alignment", arXiv 2310.11513), with a tiny detector in place of their Mask2Former.
@@ -15,7 +15,7 @@ never has to order objects. Being convolutional, it learns a shape once for ever
 Why the peaks are exact (G = 8): the target heat of a cell whose centre is d cells from an object centre is
 exp(-d^2 / (2 sigma^2)) with sigma = 0.5, so the cell holding the centre has the largest heat, >= exp(-1) = 0.37
 (d <= 0.71), and every cell outside the 3 x 3 block around it gets <= exp(-2) = 0.14 (d >= 1); a threshold
-between the two and a 3 x 3 max-pool keep exactly one peak per object. Two objects of train/shapes.py are at least 0.3 image widths
+between the two and a 3 x 3 max-pool keep exactly one peak per object. Two objects of data/shapes.py are at least 0.3 image widths
 (2.4 cells) apart, so their centre cells are >= 2 cells apart and a 3 x 3 max-pool never merges them.
 
 Notation (paper -> code):
@@ -30,7 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from train.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict
+from data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES
 
 COLOUR_NAMES, SHAPE_NAMES, SIZE_NAMES = list(COLOURS), list(SHAPES), list(SIZES)
 BACKGROUND_NAMES = list(BACKGROUNDS)
@@ -152,7 +154,7 @@ def detection_loss(out, targets):
 def predict_attributes(model, images):
     """images (B, 3, H, H) in [-1, 1], any H (resized to the classifier's resolution) -> B dicts
     {"objects": [{"shape", "colour", "size", "x", "y"}, ...] sorted left to right, "count", "background"},
-    x and y in [0, 1] (y downwards). Judge a relation between two objects with train.shapes.relation_holds."""
+    x and y in [0, 1] (y downwards). Judge a relation between two objects with data.shapes.relation_holds."""
     B, C, H, W = images.shape
     R, G = model.cfg.resolution, model.cfg.grid
     if C != 3 or H != W:
@@ -186,8 +188,6 @@ def predict_attributes(model, images):
 
 def load_classifier(path, device="cpu"):
     """A checkpoint of train/classifier.py -> (model in eval mode on `device`, its ClassifierConfig)."""
-    from train.common import load_checkpoint, load_weights
-    from train.config import config_from_dict
 
     ckpt = load_checkpoint(path, "shapes_classifier")
     cfg = config_from_dict(ClassifierConfig, ckpt["config"]["model"])

@@ -45,8 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict
 from models.attention import scaled_dot_product_attention
 from models.text_encoder import TextEncoderConfig
+from models.tokenizer import BPETokenizer
 
 
 @dataclass
@@ -258,12 +261,31 @@ def contrastive_loss(image_embeds, text_embeds, logit_scale):
     return loss, logits
 
 
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, batch_size=512):
+    """Captions -> l2-normalised text embeddings (N, E); over-long captions are cut (truncate=True)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer(texts[i: i + batch_size], max_length=model.cfg.text.max_length, truncate=True)
+        out.append(torch.nn.functional.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model, images, batch_size=512):
+    """uint8 (N, 3, H, W) -> l2-normalised image embeddings (N, E)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i: i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        out.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1))
+    return torch.cat(out)
+
+
 def load_clip(path, device="cpu", text_only=False):
     """A checkpoint of train/clip.py -> (CLIP in eval mode on `device`, its BPETokenizer, its CLIPConfig).
     text_only=True builds and loads the text tower alone (the image tower's weights are skipped)."""
-    from models.tokenizer import BPETokenizer
-    from train.common import load_checkpoint, load_weights
-    from train.config import config_from_dict
 
     ckpt = load_checkpoint(path, "clip")
     cfg = config_from_dict(CLIPConfig, ckpt["config"]["model"])

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict, config_to_dict
 from models.clip import CLIP, CLIPConfig
 from models.samplers import SamplerConfig, guidance, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNet, UNetConfig
-from train.common import load_weights
 
 
 @dataclass
@@ -128,8 +129,6 @@ class TextConditionedUNet(nn.Module):
 def load_frozen_text_encoder(spec):
     """'clip:<ckpt>' or 'lm:<ckpt>' -> dict(kind, text (TextEncoderConfig), weights (of the encoder alone),
     tokenizer). Bad specs and checkpoints raise ValueError / FileNotFoundError with one line."""
-    from train.common import load_checkpoint
-    from train.config import config_from_dict
 
     kind, _, path = spec.partition(":")
     if kind not in ("clip", "lm") or not path:
@@ -217,7 +216,6 @@ def vae_fingerprint(vae, scale_factor):
     a SHA-256 of its weights, so that sampling with another VAE (whose latents mean something else) is refused."""
     import hashlib
 
-    from train.config import config_to_dict
     h = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
@@ -268,7 +266,6 @@ class Text2Image:
 def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
     """A diffusion checkpoint dict -> Text2Image in eval mode. A latent checkpoint also loads its VAE: from
     `vae_path`, else from the path stored at training, and checks it is the VAE the U-Net was trained on."""
-    from train.config import config_from_dict
 
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
                                                                             "schedule", "text_encoder")

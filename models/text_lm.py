@@ -22,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict
 from models.text_encoder import TextEncoder, TextEncoderConfig
+from models.tokenizer import BPETokenizer
 
 
 class MaskedLanguageModel(nn.Module):
@@ -72,9 +75,6 @@ def masked_lm_loss(logits, ids, chosen):
 
 def load_text_lm(path, device="cpu"):
     """A checkpoint of train/text_lm.py -> (MaskedLanguageModel in eval mode, its BPETokenizer, its config)."""
-    from models.tokenizer import BPETokenizer
-    from train.common import load_checkpoint, load_weights
-    from train.config import config_from_dict
 
     ckpt = load_checkpoint(path, "text_lm")
     cfg = config_from_dict(TextEncoderConfig, ckpt["config"]["text"])

@@ -47,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict
 from models.attention import scaled_dot_product_attention
 from models.unet import Upsample
 
@@ -301,8 +303,6 @@ class AutoencoderKL(nn.Module):
 def load_vae(path, device="cpu"):
     """A checkpoint of train/vae.py -> (model in eval mode on `device` with the EMA weights if it has them,
     scale_factor, its VAEConfig). The scale factor is stored when training ends."""
-    from train.common import load_checkpoint, load_weights
-    from train.config import config_from_dict
 
     ckpt = load_checkpoint(path, "vae")
     cfg = config_from_dict(VAEConfig, ckpt["config"]["vae"])

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
+from core.checkpoint import load_checkpoint
+from core.config import load_config
+from core.images import image_grid, to_uint8
+from core.runtime import get_device, run_cli
 from models.samplers import SamplerConfig
 from models.text2image import load_text2image
-from train.common import get_device, image_grid, load_checkpoint, run_cli, to_uint8
-from train.config import load_config
 
 PRESETS = {
     "fast": {"sampler": "ddim", "num_inference_steps": 20, "guidance_scale": 3.0},

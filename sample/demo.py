@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from train.common import load_checkpoint, run_cli
-from train.config import config_to_dict, load_config, stored_config_changes
+from core.checkpoint import load_checkpoint
+from core.config import config_to_dict, load_config, stored_config_changes
+from core.runtime import run_cli
 
 CONFIGS = Path("configs/shapes")
 SMOKE = {  # a few steps and small data per stage: the chain runs end to end in about a minute
@@ -162,6 +163,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.fid_images < 2 or args.n < 1 or args.accuracy_n < 1:
         raise ValueError("--fid-images must be at least 2, --n and --accuracy-n at least 1")
+    import data.shapes
     import metrics.clip_score
     import metrics.fid
     import metrics.prompt_accuracy
@@ -169,7 +171,6 @@ def main(argv=None):
     import train.classifier
     import train.clip
     import train.diffusion
-    import train.shapes
     import train.vae
 
     runs = Path(args.runs)
@@ -241,7 +242,7 @@ def main(argv=None):
         if real.exists():  # the renders are a function of (seed, count): made again rather than trusted
             import shutil
             shutil.rmtree(real)
-        train.shapes.main(["--export", str(real), "--num-images", str(args.fid_images), "--seed", "7"])
+        data.shapes.main(["--export", str(real), "--num-images", str(args.fid_images), "--seed", "7"])
         captions = [json.loads(line)["text"] for line in (real / "metadata.jsonl").read_text().splitlines()]
         (demo / "real_captions.txt").write_text("\n".join(captions) + "\n")
         sample_cli.main(pipeline + ["--prompts-file", str(demo / "real_captions.txt"), "--n", "1",

@@ -4,7 +4,7 @@
     .venv/bin/python -m tests.bench_fid --part frechet --repeats 5
     .venv/bin/python -m tests.bench_fid --part inception --images 64 --batch 32
 
-1. The Frechet distance at D = 2048 from two (mu, sigma): ours (metrics/fid.py: a factor F F^T = S_1, then the
+1. The Frechet distance at D = 2048 from two (mu, sigma): ours (metrics/frechet.py: a factor F F^T = S_1, then the
    eigenvalues of F^T S_2 F; torch float64) against pytorch-fid's calculate_frechet_distance (scipy.linalg.sqrtm
    of S_1 S_2, a Schur decomposition). The covariances come from --n synthetic feature vectors per side,
    relu(Z W) with a random W, which gives a decaying spectrum and a non-zero mean like Inception's pool3;
@@ -64,7 +64,7 @@ import_references()  # pytorch-fid, with torchvision importable next to a CPU-on
 if args.part in ("frechet", "both"):
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    from metrics.fid import frechet_distance, stats_of
+    from metrics.frechet import frechet_distance, stats_of
 
     D, N = args.dim, args.n
     g = torch.Generator().manual_seed(0)
@@ -84,8 +84,8 @@ if args.part in ("frechet", "both"):
     print(f"  ours is {best[1] / best[0]:.1f}x faster; relative difference {rel:.2e}")
 
 if args.part in ("inception", "both"):
+    from data.shapes import render_dataset
     from tests.test_inception import pytorch_fid_twin, random_inception
-    from train.shapes import render_dataset
 
     ours = random_inception()
     theirs = pytorch_fid_twin(ours)

@@ -15,7 +15,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.config import load_config
+from core.config import load_config
 
 
 def build(config_path):

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.classifier import (BACKGROUND_NAMES, COLOUR_NAMES, HEAT_SIGMA, SHAPE_NAMES, SIZE_NAMES,
-                               ClassifierConfig, ShapesClassifier, attributes_to_targets, cell_targets,
-                               detection_loss, load_classifier, predict_attributes)
+from core.checkpoint import save_checkpoint
+from data.shapes import make_item, sample_scene
+from models.classifier import (BACKGROUND_NAMES, COLOUR_NAMES, HEAT_SIGMA, SHAPE_NAMES, SIZE_NAMES, ClassifierConfig,
+                               ShapesClassifier, attributes_to_targets, cell_targets, detection_loss, load_classifier,
+                               predict_attributes)
 from train.classifier import main, score
-from train.common import save_checkpoint
-from train.shapes import make_item, sample_scene
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

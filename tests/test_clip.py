@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sample.__main__ as sample_cli
+from core.checkpoint import load_checkpoint
 from models.clip import CLIP, CLIPConfig, VisionConfig, contrastive_loss, load_clip
 from models.text2image import load_text2image
 from models.text_encoder import TextEncoderConfig
@@ -16,7 +17,6 @@ from tests.reference_imports import import_open_clip
 from tests.test_train_diffusion import TINY, cli_error
 from train import clip as train_clip
 from train import diffusion
-from train.common import load_checkpoint
 
 
 def tiny_cfg(kind="conv", vocab_size=300):

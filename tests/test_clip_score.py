@@ -1,6 +1,6 @@
 """CLIP score: our torchmetrics-convention figure equals torchmetrics' own computation (its update function fed
 with our CLIP through its model/processor interface), CLIP-S is Hessel et al.'s per-sample clamp, and the command
-line reads a `python -m sample` folder (or one `python -m train.shapes --export` writes), tells true from shuffled
+line reads a `python -m sample` folder (or one `python -m data.shapes --export` writes), tells true from shuffled
 pairs, and rejects bad input (missing folder, no metadata, empty caption, wrong checkpoint kind) in one line."""
 import json
 
@@ -9,17 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict
+from data import shapes
+from data.shapes import render_dataset
 from metrics import clip_score
-from models.clip import CLIP, CLIPConfig, VisionConfig
+from models.clip import CLIP, CLIPConfig, VisionConfig, embed_images, embed_texts
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from tests.reference_imports import import_open_clip
 from tests.test_train_diffusion import cli_error
-from train.clip import embed_images, embed_texts
-from train.common import save_checkpoint
-from train.config import config_to_dict
-from train import shapes
-from train.shapes import render_dataset
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a small green triangle", "two yellow stars"]
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train.common import (EMA, image_grid, load_checkpoint, load_weights, save_checkpoint, warmup_cosine)
+from core.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from core.images import image_grid
+from train.common import EMA, warmup_cosine
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path):

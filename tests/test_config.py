@@ -3,8 +3,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from train.config import (ConfigError, config_changes, config_from_dict, config_to_dict, default_out_dir,
-                          load_config, stored_config_changes)
+from core.config import (ConfigError, config_changes, config_from_dict, config_to_dict, default_out_dir, load_config,
+                         stored_config_changes)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""train/data.py: shapes in memory, local image folders (imagefolder layout), hub datasets (offline error, a
+"""data/dataset.py: shapes in memory, local image folders (imagefolder layout), hub datasets (offline error, a
 local parquet dataset standing in for the hub), image preprocessing."""
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import DataConfig, ImageTextDataset, load_data, to_square_rgb
+from data.dataset import DataConfig, ImageTextDataset, load_data, to_square_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_shapes_in_memory_deterministic_and_in_range():
 
 
 def test_shapes_heldout_split_and_bad_config():
-    from train.shapes import HELDOUT_PAIRS
+    from data.shapes import HELDOUT_PAIRS
     data = load_data(DataConfig(num_images=30, split="heldout", max_objects=3), progress=False)
     assert all((o["colour"], o["shape"]) in HELDOUT_PAIRS for a in data.attributes for o in a["objects"])
     for bad, match in ((DataConfig(dataset="imagenet"), "unknown data.dataset"),
@@ -143,7 +143,7 @@ def test_folder_errors(tmp_path):
 
 def test_hub_without_internet_points_to_folder(tmp_path):
     """Offline (as in CI), loading a hub dataset fails fast with a message that names the way out."""
-    code = ("from train.data import DataConfig, load_data\n"
+    code = ("from data.dataset import DataConfig, load_data\n"
             "load_data(DataConfig(dataset='hub:someone/some-captioned-images'))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -14,20 +14,20 @@ import pytest
 import torch
 from PIL import Image
 
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict
+from data.shapes import render_dataset
 from metrics import fid as fid_cli
 from metrics import fid_infinity as fid_infinity_cli
-from metrics.fid import (RunningStats, frechet_distance, load_stats, psd_eigenvalues, root_factor, save_stats,
-                         sqrt_factor, stats_of, trace_sqrt_product)
+from metrics import precision_recall as prc
 from metrics.fid_infinity import fid_infinity, plot_fid_against_n, subset_fid
+from metrics.frechet import (RunningStats, frechet_distance, load_stats, psd_eigenvalues, root_factor, save_stats,
+                             sqrt_factor, stats_of, trace_sqrt_product)
 from metrics.inception_score import inception_score
 from metrics.kid import kernel_inception_distance, polynomial_kernel
-from metrics import precision_recall as prc
 from models.classifier import ClassifierConfig, ShapesClassifier
 from tests.test_inception import import_references, pytorch_fid_twin, random_inception
 from tests.test_train_diffusion import cli_error
-from train.common import save_checkpoint
-from train.config import config_to_dict
-from train.shapes import render_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from metrics.inception import (InceptionConfig, InceptionV3, load_inception, load_state_dict_file, preprocess,
-                               resize_tf1)
+from data.shapes import render_dataset
+from metrics.inception import InceptionConfig, InceptionV3, load_inception, load_state_dict_file, preprocess, resize_tf1
 from tests.reference_imports import make_torchvision_importable
-from train.shapes import render_dataset
 
 
 def import_references():

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import sample.__main__ as sample_cli
+from core.checkpoint import load_checkpoint
+from data.dataset import DataConfig, load_data
 from models.text2image import load_text2image, vae_fingerprint
 from models.vae import load_vae
 from tests.test_train_diffusion import cli_error, losses
 from train import diffusion
 from train import vae as train_vae
-from train.common import load_checkpoint
-from train.data import DataConfig, load_data
 
 VAE_TINY = ["data.num_images=32", "data.resolution=16", "vae.channels=8", "vae.channel_mult=[1, 2]",
             "vae.num_res_blocks=1", "vae.norm_groups=4", "train.steps=2", "train.batch_size=8",

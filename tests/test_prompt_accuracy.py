@@ -1,7 +1,8 @@
 """Prompt-accuracy judging (GenEval-style claims) on attribute dicts, and end to end on rendered scenes
 judged against their own captions' claims."""
-from metrics.prompt_accuracy import judge, pair_objects, summarise
-from train.shapes import parse_caption, sample_scene
+from data.claims import judge, pair_objects, parse_caption
+from data.shapes import sample_scene
+from metrics.prompt_accuracy import summarise
 
 
 def obj(colour, shape, size="small", x=0.5, y=0.5):

@@ -15,8 +15,7 @@ import warnings
 import pytest
 import torch
 
-from models.samplers import (SamplerConfig, ddim_step, ddpm_step, dynamic_threshold, guidance, make_timesteps,
-                             sample)
+from models.samplers import SamplerConfig, ddim_step, ddpm_step, dynamic_threshold, guidance, make_timesteps, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -6,9 +6,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from train import shapes
-from train.shapes import (BACKGROUNDS, BORDER, COLOURS, GAP, HELDOUT_PAIRS, eval_prompts, make_item, parse_caption,
-                          relation_holds, render, render_dataset, sample_scene)
+from data import shapes
+from data.claims import eval_prompts, parse_caption
+from data.shapes import (BACKGROUNDS, BORDER, COLOURS, GAP, HELDOUT_PAIRS, make_item, relation_holds, render,
+                         render_dataset, sample_scene)
 
 MULTI = [sample_scene(seed=3, index=i, split="train", max_objects=3) for i in range(1500)]
 

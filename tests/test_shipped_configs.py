@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from core.config import load_config
 from models.unet import UNet
 from sample.__main__ import PRESETS, PipelineConfig
 from train import diffusion
 from train.classifier import ClassifierTrainConfig
 from train.clip import ClipTrainConfig
-from train.config import load_config
 from train.text_lm import TextLMTrainConfig
 from train.vae import VAETrainConfig
 

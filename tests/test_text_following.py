@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import metrics.text_following as probe
+from data.claims import parse_caption
+from data.shapes import COLOURS, SHAPES
 from models.schedule import NoiseSchedule, ScheduleConfig
-from train.shapes import COLOURS, SHAPES, parse_caption
 
 COLOUR_NAMES = list(COLOURS)
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import sample.__main__ as sample_cli
+from core.checkpoint import load_checkpoint
+from data.shapes import sample_scene
 from models.text_encoder import TextEncoderConfig
 from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
 from tests.test_train_diffusion import TINY, cli_error
 from train import diffusion, text_lm
-from train.shapes import sample_scene
-from train.common import load_checkpoint
 
 
 def test_masking_follows_bert():

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import sample.__main__ as sample_cli
+from core.checkpoint import load_checkpoint
+from core.runtime import run_cli
 from train import diffusion
-from train.common import load_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_images=48", "data.resolution=16", "unet.image_size=16", "unet.channels=16",

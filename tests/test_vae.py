@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from models.vae import (AutoencoderKL, DiagonalGaussian, NLayerDiscriminator, VAEConfig, adaptive_weight,
-                        hinge_d_loss, load_vae)
-from train import vae as train_vae
+from core.checkpoint import load_checkpoint
+from models.vae import (AutoencoderKL, DiagonalGaussian, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss,
+                        load_vae)
 from tests.test_train_diffusion import cli_error as main_cli_error
-from train.common import load_checkpoint
+from train import vae as train_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict, format_config, parse_config
+from core.runtime import autocast, get_device, run_cli, seed_everything
+from data.shapes import render_dataset
 from models.classifier import (ClassifierConfig, ShapesClassifier, attributes_to_targets, detection_loss,
                                load_classifier, predict_attributes)
-from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
-from train.config import config_to_dict, format_config, parse_config
-from train.shapes import render_dataset
+from train.common import shuffled_batches, warmup_cosine
 
 POSITION_TOLERANCE = 0.05   # of the image side: 1.6 px at 32 px
 

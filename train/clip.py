@@ -17,11 +17,11 @@ it ends with (measured figures in configs/shapes/clip.yaml):
 
 Zero-shot: each of the 63 (colour, shape) pairs is a class, embedded as the mean of TEMPLATES (Sec. 3.1.4); an
 image's colour is the colour with the largest probability summed over shapes, likewise its shape; "pair" is
-the argmax class. Held-out images show the 7 pairs of train/shapes.py HELDOUT_PAIRS, never in training.
+the argmax class. Held-out images show the 7 pairs of data/shapes.py HELDOUT_PAIRS, never in training.
 Retrieval: fresh renders with their captions; image->text ranks the captions for each image, text->image ranks
 the images for each caption. Many captions describe several images ("a red circle"), so a hit is a retrieved
 item that agrees with every claim of the caption (objects, colours, shapes, stated sizes, relation,
-stated background), judged on the true attributes with metrics/prompt_accuracy.judge.
+stated background), judged on the true attributes with data.claims.caption_holds.
 """
 import time
 from dataclasses import dataclass, field
@@ -30,19 +30,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from metrics.prompt_accuracy import judge
-from models.clip import CLIP, CLIPConfig, contrastive_loss, load_clip
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict, default_out_dir, format_config, parse_config
+from core.runtime import autocast, get_device, run_cli, seed_everything
+from data.claims import caption_holds
+from data.dataset import DataConfig, load_data
+from data.shapes import ALL_PAIRS, COLOURS, SHAPES, article, render_dataset
+from models.clip import CLIP, CLIPConfig, contrastive_loss, embed_images, embed_texts, load_clip
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
-from train.common import autocast, get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
-from train.config import config_to_dict, default_out_dir, format_config, parse_config
-from train.data import DataConfig, load_data
-from train.shapes import ALL_PAIRS, COLOURS, SHAPES, parse_caption, render_dataset
+from train.common import shuffled_batches, warmup_cosine
 
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}")
 
 
-FILLED_IN = ("model.text.vocab_size",)  # config keys main() sets before storing the config (train.config.config_changes)
+FILLED_IN = ("model.text.vocab_size",)  # config keys main() sets before storing the config (core.config.config_changes)
 
 @dataclass
 class ClipTokenizerConfig:
@@ -90,32 +92,6 @@ def parameter_groups(model, weight_decay):
 
 # ---------------------------------------------------------------- evaluation
 
-def article(word):
-    return "an" if word[0] in "aeiou" else "a"
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts, batch_size=512):
-    """Captions -> l2-normalised text embeddings (N, E); over-long captions are cut (truncate=True)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(texts), batch_size):
-        ids, mask = tokenizer(texts[i: i + batch_size], max_length=model.cfg.text.max_length, truncate=True)
-        out.append(torch.nn.functional.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed_images(model, images, batch_size=512):
-    """uint8 (N, 3, H, W) -> l2-normalised image embeddings (N, E)."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i: i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
-        out.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1))
-    return torch.cat(out)
-
-
 def render(num_images, resolution, seed, split, max_objects):
     images, captions, attributes = render_dataset(num_images, resolution, seed, split, max_objects, progress=False)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions, attributes  # (N, 3, R, R)
@@ -140,12 +116,6 @@ def zero_shot(model, tokenizer, images, attributes):
     return {"colour": ((probs @ by_colour).argmax(-1) == true_colour).float().mean().item(),
             "shape": ((probs @ by_shape).argmax(-1) == true_shape).float().mean().item(),
             "pair": (probs.argmax(-1) == true_pair).float().mean().item()}
-
-
-def caption_holds(caption, attributes):
-    """Whether a scene agrees with every claim of a caption (judge() on the true attributes, plus background)."""
-    claims = parse_caption(caption)
-    return judge(claims, attributes)["overall"] and claims["background"] in (None, attributes["background"])
 
 
 def retrieval(model, tokenizer, images, captions, attributes, ks=(1, 5)):

@@ -27,9 +27,9 @@ Loop (Algorithm 1 with conditioning dropout):
     loss = || target - model(x_t, t, caption) ||^2              (Eq. 14; target eps, x_0 or v)
            optionally weighted per sample by Min-SNR-gamma          (Hang et al. 2023, arXiv 2303.09556)
 """
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-import time
 
 import numpy as np
 import torch
@@ -38,6 +38,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from core.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from core.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
+from core.images import image_grid
+from core.runtime import autocast, cleanup_distributed, get_device, run_cli, seed_everything, setup_distributed
+from data.dataset import DataConfig, load_data
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_model, use_frozen_text_encoder,
@@ -45,11 +50,7 @@ from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_m
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
 from models.unet import UNetConfig
-from train.common import (EMA, autocast, batch_indices, cleanup_distributed, get_device, image_grid,
-                          load_checkpoint, load_weights, rng_state, run_cli, save_checkpoint, seed_everything,
-                          set_rng_state, setup_distributed, warmup_cosine)
-from train.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
-from train.data import DataConfig, load_data
+from train.common import EMA, batch_indices, warmup_cosine
 
 
 @dataclass

@@ -5,7 +5,7 @@ Paper: Devlin et al. 2018, BERT, arXiv 1810.04805, Sec. 3.1 (masked LM, 15% of t
 
     python -m train.text_lm --config configs/shapes/text_lm.yaml
 
-The shapes captions come from train/shapes.py's scene sampler without rendering a pixel; other datasets
+The shapes captions come from data/shapes.py's scene sampler without rendering a pixel; other datasets
 (data.dataset=folder:... / hub:...) are loaded and only their captions kept. Writes out_dir/ckpt.pt (kind
 "text_lm": config, weights, tokenizer) and out_dir/config.yaml, and ends with the masked-token accuracy on fresh
 captions (another seed): mask_prob of the real tokens (not <start>/<end>) chosen, all replaced by [MASK] (no
@@ -25,13 +25,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict, default_out_dir, format_config, parse_config
+from core.runtime import get_device, run_cli, seed_everything
+from data.dataset import DataConfig, load_data
+from data.shapes import BACKGROUNDS, COLOURS, PLURALS, SHAPES, SIZES, sample_scene
 from models.text_encoder import TextEncoderConfig
 from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
 from models.tokenizer import BPETokenizer
-from train.common import get_device, run_cli, save_checkpoint, seed_everything, shuffled_batches, warmup_cosine
-from train.config import config_to_dict, default_out_dir, format_config, parse_config
-from train.data import DataConfig, load_data
-from train.shapes import BACKGROUNDS, COLOURS, PLURALS, SHAPES, SIZES, sample_scene
+from train.common import shuffled_batches, warmup_cosine
 
 ATTRIBUTE_WORDS = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *BACKGROUNDS}  # drawn at random in a caption
 

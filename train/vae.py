@@ -44,11 +44,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from core.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from core.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
+from core.images import image_grid
+from core.runtime import autocast, get_device, run_cli, seed_everything
+from data.dataset import DataConfig, load_data
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
-from train.common import (EMA, autocast, batch_indices, get_device, image_grid, load_checkpoint, load_weights,
-                          rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, warmup_cosine)
-from train.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
-from train.data import DataConfig, load_data
+from train.common import EMA, batch_indices, warmup_cosine
 
 
 @dataclass

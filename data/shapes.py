@@ -20,11 +20,11 @@ Each item comes with its attributes, a plain dict:
      "relation": None or "left of" | "right of" | "above" | "below"   (objects[0] <relation> objects[1]),
      "background": a BACKGROUNDS name}
 
-    from train.shapes import make_item, render_dataset, eval_prompts
+    from data.shapes import make_item, render_dataset
     image, caption, attrs = make_item(seed=0, index=7, resolution=32)   # (32, 32, 3) uint8, str, dict
 
 As an image folder (PNGs + metadata.jsonl, the layout `python -m sample` writes and metrics/*.py read):
-    python -m train.shapes --export runs/shapes_eval --num-images 1000 --seed 7
+    python -m data.shapes --export runs/shapes_eval --num-images 1000 --seed 7
 """
 import math
 
@@ -188,13 +188,14 @@ def _place(rng, objects, relation, tries=20, candidates=64):
 
 # ---------------------------------------------------------------- scenes and captions
 
-def _article(word):
+def article(word):
+    """'an' before a vowel, else 'a' (the shapes vocabulary has no exceptions)."""
     return "an" if word[0] in "aeiou" else "a"
 
 
 def _phrase(obj, mention_size):
     words = ([obj["size"]] if mention_size else []) + [obj["colour"], obj["shape"]]
-    return f"{_article(words[0])} {' '.join(words)}"
+    return f"{article(words[0])} {' '.join(words)}"
 
 
 def sample_scene(seed, index, split="train", max_objects=1):
@@ -235,47 +236,10 @@ def sample_scene(seed, index, split="train", max_objects=1):
         phrases = [_phrase(o, m) for o, m in zip(objects, mention)]
         text = phrases[0] if count == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if rng.random() < P_MENTION_BACKGROUND:
-        text += f" on {_article(background)} {background} background"
+        text += f" on {article(background)} {background} background"
     caption = PREFIXES[rng.integers(len(PREFIXES))] + text
     attributes = {"objects": objects, "count": count, "relation": relation, "background": background}
     return caption, attributes
-
-
-def parse_caption(caption):
-    """What a caption claims, in the attributes format; unclaimed fields are None (size, x, y, background).
-    Inverse of the caption templates above; raises ValueError on text they cannot produce."""
-    text = caption.strip()
-    for prefix in sorted(set(PREFIXES), key=len, reverse=True):
-        if prefix and text.startswith(prefix):
-            text = text[len(prefix):]
-            break
-    background = None
-    if text.endswith(" background"):
-        text, _, bg = text[: -len(" background")].rpartition(" on ")
-        background = bg.split(" ", 1)[-1]
-        if background not in BACKGROUNDS:
-            raise ValueError(f"unknown background {bg!r} in caption {caption!r}")
-    relation = None
-    for rel, phrase in RELATION_PHRASES.items():
-        if f" {phrase} " in text:
-            relation, chunks = rel, text.split(f" {phrase} ")
-            break
-    else:
-        chunks = text.replace(" and ", ", ").split(", ")
-    objects = []
-    for chunk in chunks:
-        words = chunk.split()
-        if len(words) < 3 or words[0] not in ("a", "an", "two", "three"):
-            raise ValueError(f"cannot parse {chunk!r} in caption {caption!r}")
-        n = {"a": 1, "an": 1, "two": 2, "three": 3}[words[0]]
-        size = words[1] if words[1] in SIZES else None
-        colour, noun = words[-2], words[-1]
-        shape = noun if n == 1 else {p: s for s, p in PLURALS.items()}.get(noun)
-        if colour not in COLOURS or shape not in SHAPES or len(words) != 3 + (size is not None):
-            raise ValueError(f"cannot parse {chunk!r} in caption {caption!r}")
-        objects += [{"shape": shape, "colour": colour, "size": size, "x": None, "y": None}] * n
-    objects = [dict(o) for o in objects]
-    return {"objects": objects, "count": len(objects), "relation": relation, "background": background}
 
 
 # ---------------------------------------------------------------- rendering
@@ -326,32 +290,6 @@ def render_dataset(num_images, resolution, seed=0, split="train", max_objects=1,
     return images, captions, attributes
 
 
-# ---------------------------------------------------------------- evaluation prompts
-
-def eval_prompts(split="train", max_objects=1, per_kind=8, seed=0):
-    """Prompts for prompt-accuracy evaluation, as (caption, expected attributes) in parse_caption's format.
-
-    split "train": every held-in (colour, shape) pair once ("a red circle"); "heldout": every pair of
-    HELDOUT_PAIRS. With max_objects >= 2, also `per_kind` prompts for each relation and for each count
-    2..max_objects, built from the same pairs (drawn with `seed`, so the list is fixed).
-    """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"eval_prompts split must be 'train' or 'heldout', got {split!r}")
-    pairs = SPLIT_PAIRS[split]
-    captions = [f"{_article(c)} {c} {s}" for c, s in pairs]
-    rng = np.random.default_rng([seed, 10_007])
-    if max_objects >= 2:
-        for relation in RELATIONS:
-            for _ in range(per_kind):
-                (c1, s1), (c2, s2) = [pairs[i] for i in rng.choice(len(pairs), size=2, replace=False)]
-                captions.append(f"{_article(c1)} {c1} {s1} {RELATION_PHRASES[relation]} {_article(c2)} {c2} {s2}")
-        for n in range(2, max_objects + 1):
-            for _ in range(per_kind):
-                c, s = pairs[rng.integers(len(pairs))]
-                captions.append(f"{NUMBER_WORDS[n]} {c} {PLURALS[s]}")
-    return [(caption, parse_caption(caption)) for caption in captions]
-
-
 # ---------------------------------------------------------------- export as an image folder
 
 def export_folder(out_dir, num_images, resolution, seed=0, split="train", max_objects=1):
@@ -390,6 +328,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train.common import run_cli
+    from core.runtime import run_cli
 
     run_cli(main)

@@ -1,6 +1,6 @@
 """One entry point for every image-text dataset: the built-in shapes, a local image folder, a hub dataset.
 
-    dataset=shapes          rendered into memory by train/shapes.py, deterministic from `seed`
+    dataset=shapes          rendered into memory by data/shapes.py, deterministic from `seed`
     dataset=folder:<path>   Hugging Face `imagefolder` layout: images plus metadata.jsonl or metadata.csv with
                             columns `file_name` (relative to the folder) and `text` (the caption)
     dataset=hub:<name>      a Hugging Face dataset with an image column and either a text column or a label
@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from train import shapes
+from data import shapes
 
 
 @dataclass
