@@ -30,12 +30,15 @@ def save_checkpoint(path, ckpt):
 
 
 def load_checkpoint(path, expected_kind):
-    """Load with weights_only=True; a missing file, a file that is not a checkpoint, or a checkpoint of
-    another component is a ValueError/FileNotFoundError with one line that says what to do."""
+    """Load with weights_only=True; a missing file, a file that is not a checkpoint, or a checkpoint of another
+    component is a ValueError/FileNotFoundError with one line that says what to do. expected_kind: a kind, or a
+    tuple of the kinds that are welcome."""
+    kinds = (expected_kind,) if isinstance(expected_kind, str) else tuple(expected_kind)
+    wanted = " or ".join(f"'{k}'" for k in kinds)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; train one first or pass the path of an "
-                                f"existing {expected_kind} checkpoint")
+                                f"existing {wanted.replace(chr(39), '')} checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -44,9 +47,9 @@ def load_checkpoint(path, expected_kind):
                          f"of this codebase") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint of this codebase (no 'kind' entry)")
-    if ckpt["kind"] != expected_kind:
-        raise ValueError(f"{path} holds a '{ckpt['kind']}' checkpoint but a '{expected_kind}' checkpoint is "
-                         f"needed here; pass the right file")
+    if ckpt["kind"] not in kinds:
+        raise ValueError(f"{path} holds a '{ckpt['kind']}' checkpoint but a {wanted} checkpoint is needed here; "
+                         f"pass the right file")
     return ckpt
 
 

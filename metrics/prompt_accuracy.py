@@ -8,6 +8,10 @@ attribute classifier of models/classifier.py (train it with `python -m train.cla
 
     python -m metrics.prompt_accuracy --ckpt runs/diffusion_pixel/ckpt.pt \
         --classifier runs/shapes_classifier/ckpt.pt --n 4 --sampler ddim --steps 50 --guidance 3
+    python -m metrics.prompt_accuracy --pipeline ldm --config configs/shapes/pipeline_ldm.yaml --n 4
+
+Any pipeline (models/pipeline.py) is judged the same way; its sampling settings are the checkpoint's defaults
+(for a diffusion model DDIM 50 steps, guidance 3), changed by the same flags as `python -m sample`.
 
 Prompts: data.claims.eval_prompts for the held-in (colour, shape) pairs ("heldin") and for the held-out pairs
 that never appear in training ("heldout": compositional generalisation). Per image and per claim:
@@ -21,17 +25,16 @@ Prints one line per split, writes the figures to --out (JSON) and a grid per spl
 """
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from core.checkpoint import load_checkpoint
 from core.images import image_grid
-from core.runtime import get_device, run_cli
+from core.runtime import run_cli
 from data.claims import eval_prompts, judge
 from models.classifier import load_classifier, predict_attributes
-from models.text2image import load_text2image
+from models.pipeline import add_pipeline_arguments, add_sampling_flags, pipeline_from_args, settings_from_args
 
 ATTRIBUTES = ("count", "colour", "shape", "size", "relation", "overall")
 
@@ -48,60 +51,47 @@ def summarise(judgements):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Per-attribute prompt accuracy of a text-to-image checkpoint.")
-    p.add_argument("--ckpt", required=True, help="diffusion checkpoint")
+    p = argparse.ArgumentParser(description="Per-attribute prompt accuracy of a text-to-image pipeline.")
+    add_pipeline_arguments(p)
+    add_sampling_flags(p)
     p.add_argument("--classifier", default="runs/shapes_classifier/ckpt.pt", help="shapes classifier checkpoint")
-    p.add_argument("--vae", help="latent diffusion only: the VAE checkpoint (default: the one stored at training)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--max-objects", type=int, help="prompt kinds to include (default: the training data's)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="JSON file for the figures (default: prompt_accuracy.json beside --ckpt)")
+    p.add_argument("--out", help="JSON file for the figures (default: prompt_accuracy.json beside --ckpt, else in "
+                   "the current folder)")
     return p
 
 
-def load_judged(args, what, check=None):
-    """The diffusion checkpoint `args.ckpt` as a pipeline (with `args.vae` in latent space) and the shapes classifier
-    `args.classifier`, on `args.device`, for the scripts that judge a model by the classifier (this one,
-    metrics.text_following). `check(ckpt)` may refuse the checkpoint first. -> (ckpt, pipe, classifier, device)"""
-    if args.n < 1:
-        raise ValueError("--n must be at least 1")
-    device = get_device(args.device)
-    ckpt = load_checkpoint(args.ckpt, "diffusion")
-    if check:
-        check(ckpt)
-    if ckpt["config"]["data"]["dataset"] != "shapes":
-        raise ValueError(f"{args.ckpt} was trained on {ckpt['config']['data']['dataset']}; {what} needs a model "
+def check_trained_on_shapes(pipe, what):
+    if pipe.data["dataset"] != "shapes":
+        raise ValueError(f"this {pipe.family} pipeline was trained on {pipe.data['dataset']}; {what} needs a model "
                          f"trained on the built-in shapes")
-    pipe = load_text2image(ckpt, device, vae_path=args.vae)
-    classifier, _ = load_classifier(args.classifier, device)
-    return ckpt, pipe, classifier, device
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    ckpt, pipe, classifier, device = load_judged(args, "prompt accuracy")
-    sampler_cfg = replace(pipe.sampler_cfg, sampler=args.sampler, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance)
-    max_objects = args.max_objects or ckpt["config"]["data"]["max_objects"]
-    out = Path(args.out) if args.out else Path(args.ckpt).parent / "prompt_accuracy.json"
+    if args.n < 1:
+        raise ValueError("--n must be at least 1")
+    pipe, preset, device = pipeline_from_args(args)
+    check_trained_on_shapes(pipe, "prompt accuracy")
+    classifier, _ = load_classifier(args.classifier, device)
+    settings = settings_from_args(pipe, args, preset)
+    max_objects = args.max_objects or pipe.data["max_objects"]
+    out = Path(args.out) if args.out else (Path(args.ckpt).parent if args.ckpt else Path(".")) / "prompt_accuracy.json"
 
     g = torch.Generator(device).manual_seed(args.seed)
-    report = {"ckpt": str(args.ckpt), "sampler": sampler_cfg.sampler, "steps": sampler_cfg.num_inference_steps,
-              "guidance": sampler_cfg.guidance_scale, "n_per_prompt": args.n}
-    print(f"prompt accuracy ({sampler_cfg.sampler} {sampler_cfg.num_inference_steps} steps, guidance "
-          f"{sampler_cfg.guidance_scale}, {args.n} images per prompt)")
+    report = {"pipeline": pipe.family, "ckpt": args.ckpt, "config": args.config, "settings": asdict(settings),
+              "n_per_prompt": args.n}
+    print(f"prompt accuracy of the {pipe.family} pipeline ({args.n} images per prompt; {settings})")
     for split, name in (("train", "heldin"), ("heldout", "heldout")):
         prompts = eval_prompts(split, max_objects)
         expected = [attrs for _, attrs in prompts for _ in range(args.n)]
         captions = [caption for caption, _ in prompts for _ in range(args.n)]
         images, judgements = [], []
         for i in range(0, len(captions), args.batch_size):
-            batch = pipe(captions[i: i + args.batch_size], sampler_cfg, generator=g, progress=False)
+            batch = pipe(captions[i: i + args.batch_size], settings, generator=g, progress=False)
             detected = predict_attributes(classifier, batch)
             judgements += [judge(e, d) for e, d in zip(expected[i: i + args.batch_size], detected)]
             images.append(batch.cpu())

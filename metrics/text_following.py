@@ -25,24 +25,23 @@ import torch
 
 from core.runtime import run_cli
 from data.shapes import COLOURS, SHAPES, article, render_dataset
-from metrics.prompt_accuracy import load_judged
-from models.classifier import predict_attributes
-from models.text2image import guided_prediction
+from metrics.prompt_accuracy import check_trained_on_shapes
+from models.classifier import load_classifier, predict_attributes
+from models.conditioning import guided_prediction
+from models.pipeline import add_pipeline_arguments, pipeline_from_args
 
 VALUES = {"shape": list(SHAPES), "colour": list(COLOURS)}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Does the denoiser follow one attribute of the prompt, per noise level?")
-    p.add_argument("--ckpt", required=True, help="diffusion checkpoint (pixel or latent)")
+    add_pipeline_arguments(p)
     p.add_argument("--classifier", default="runs/shapes_classifier/ckpt.pt", help="shapes classifier checkpoint")
-    p.add_argument("--vae", help="latent diffusion only: the VAE checkpoint (default: the one stored at training)")
     p.add_argument("--attribute", choices=sorted(VALUES), default="shape")
     p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900], help="noise levels (0..T-1)")
     p.add_argument("--n", type=int, default=64, help="fresh renders per noise level")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=11, help="rendering and noise seed")
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the figures to this JSON file")
     return p
 
@@ -67,8 +66,8 @@ def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, gui
             objs = [dict(truth[i], **{attribute: value}) for i in rows]
             prompts = [f"{article(o['colour'])} {o['colour']} {o['shape']}" for o in objs]
             ids, mask = pipe.tokenizer(prompts, max_length=pipe.model.text_encoder.cfg.max_length)
-            text = pipe.model.encode_text(ids.to(device), mask.to(device))
-            pred = guided_prediction(pipe.model, x_t[rows], t[rows], text, guidance_scale)
+            cond = pipe.model.encode_text(ids.to(device), mask.to(device))
+            pred = guided_prediction(pipe.model.denoise, x_t[rows], t[rows], cond, guidance_scale)
             x0_hat = pipe.schedule.predict_x0_and_eps(pred, x_t[rows], t[rows])[0]
             pictures = x0_hat if pipe.vae is None else pipe.vae.decode(x0_hat / pipe.scale_factor)
             for i, seen in zip(rows, predict_attributes(classifier, pictures.clamp(-1, 1))):
@@ -83,13 +82,15 @@ def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, gui
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
-    def check_t(ckpt):
-        T = ckpt["config"]["schedule"]["num_train_timesteps"]
-        if any(not 0 <= t < T for t in args.t):
-            raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
-
-    ckpt, pipe, classifier, _ = load_judged(args, "the probe", check_t)
-    resolution = ckpt["config"]["data"]["resolution"]
+    pipe, _, device = pipeline_from_args(args)
+    check_trained_on_shapes(pipe, "the probe")
+    if pipe.family not in ("pixel", "ldm"):
+        raise ValueError(f"the probe reads a diffusion model's x0 predictions; the {pipe.family} pipeline has none")
+    T = pipe.schedule.num_train_timesteps
+    if any(not 0 <= t < T for t in args.t):
+        raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
+    classifier, _ = load_classifier(args.classifier, device)
+    resolution = pipe.data["resolution"]
     images, _, attributes = render_dataset(args.n, resolution, args.seed, "train", 1, progress=False)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, R, R)
     rates = follow_rates(pipe, classifier, images, attributes, args.attribute, args.t, args.guidance, args.seed)

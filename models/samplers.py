@@ -78,6 +78,14 @@ class SamplerConfig:
                                         # Imagen has none (.inf); DeepFloyd IF uses 1.5
     set_alpha_to_one: bool = True       # DDIM only: abar of the step past t=0 is 1 (else abar_0); DDPM always uses 1
 
+    def __str__(self):
+        """One line for logs: 'ddim, 50 steps, guidance 3.0' and what differs from the usual."""
+        extra = [f"eta {self.eta}"] * (self.sampler == "ddim" and self.eta != 0) + \
+                [f"{self.timestep_spacing} spacing"] * (self.timestep_spacing != "leading") + \
+                ["clipped x0"] * self.clip_sample + \
+                [f"dynamic thresholding p={self.dynamic_thresholding_ratio} max={self.sample_max_value}"] * self.thresholding
+        return ", ".join([f"{self.sampler}, {self.num_inference_steps} steps, guidance {self.guidance_scale}", *extra])
+
     def __post_init__(self):
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)

@@ -1,4 +1,4 @@
-"""The three parts joined: tokenizer -> text encoder -> U-Net denoiser, and sampling from them.
+"""The diffusion family's pipeline: tokenizer -> text encoder -> U-Net denoiser (-> VAE decoder), and sampling.
 
 Stable Diffusion, DALL-E and Imagen share this pattern (see ../README.md). The text encoder is chosen by
 `text_encoder` (ModelConfig):
@@ -15,11 +15,17 @@ Its outputs for the training captions are computed once and cached (FrozenTextEn
 per distinct caption: the single-object shapes train split has 4,200 possible captions (56 pairs x 3 size
 mentions x 5 prefixes x 5 background mentions), a dataset of N captions at most N.
 
-Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598): the conditional and unconditional
-predictions are computed in one batch of 2B, the unconditional half with `drop_cond=True` (the U-Net's
-learned null context), and combined by `models.samplers.guidance` (their Eq. 6).
+The denoiser takes (x_t, t, cond) with cond a models.conditioning.Conditioning (text tokens, mask and pooled
+vector from the text encoder, plus whatever else a model reads: a low-resolution image and its augmentation level
+for super-resolution). Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) is
+models.conditioning.guided_prediction: conditional and unconditional rows in one batch of 2B.
+
+Text2Image keeps the pipeline contract of models/pipeline.py (family, resolution, settings, presets,
+check_prompts, settings_with, __call__), so `python -m sample`, the metrics and the demo drive it like any other.
 """
-from dataclasses import dataclass, field
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -27,7 +33,8 @@ import torch.nn as nn
 from core.checkpoint import load_checkpoint, load_weights
 from core.config import config_from_dict, config_to_dict
 from models.clip import CLIP, CLIPConfig
-from models.samplers import SamplerConfig, guidance, sample
+from models.conditioning import Conditioning, guided_prediction
+from models.samplers import SamplerConfig, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.tokenizer import BPETokenizer
@@ -113,17 +120,19 @@ class TextConditionedUNet(nn.Module):
             self.text_encoder = FrozenTextEncoder(text_encoder.partition(":")[0], text_cfg)
         self.unet = UNet(unet_cfg)
 
-    def encode_text(self, ids, mask):
-        """(B, L) token ids and mask -> tokens (B, L, D), mask (B, L), pooled (B, D) or None."""
+    def encode_text(self, ids, mask, cond=None):
+        """(B, L) token ids and mask -> Conditioning with tokens (B, L, D), mask (B, L) and pooled (B, D) (None when
+        the U-Net reads no pooled vector), and the other fields of `cond` (drop, low_res, aug_level) kept."""
         tokens, pooled = self.text_encoder(ids, mask)
-        return tokens, mask, (pooled if self.unet.cfg.pooled_dim else None)
+        return replace(cond or Conditioning(), tokens=tokens, mask=mask,
+                       pooled=pooled if self.unet.cfg.pooled_dim else None)
 
-    def denoise(self, x_t, t, text, drop_cond=None):
-        tokens, mask, pooled = text
-        return self.unet(x_t, t, tokens, context_mask=mask, pooled=pooled, drop_cond=drop_cond)
+    def denoise(self, x_t, t, cond):
+        return self.unet(x_t, t, cond)
 
-    def forward(self, x_t, t, ids, mask, drop_cond=None):
-        return self.denoise(x_t, t, self.encode_text(ids, mask), drop_cond)
+    def forward(self, x_t, t, ids, mask, cond=None):
+        """Training: the text encoder and the U-Net in one call (DDP sees one module)."""
+        return self.denoise(x_t, t, self.encode_text(ids, mask, cond))
 
 
 def load_frozen_text_encoder(spec):
@@ -180,42 +189,9 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
     return TextConditionedUNet(text_cfg, model_cfg.unet)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, schedule, prompts, sampler_cfg: SamplerConfig, generator=None,
-             truncate=False, progress=True):
-    """Prompts -> images (B, C, H, W) in [-1, 1]. Noise and sampler noise come only from `generator`,
-    so the same seed gives the same pixels."""
-    device = next(model.parameters()).device
-    ucfg = model.unet.cfg
-    ids, mask = tokenizer(list(prompts), max_length=model.text_encoder.cfg.max_length, truncate=truncate)
-    text = model.encode_text(ids.to(device), mask.to(device))
-    B = len(prompts)
-    x_T = torch.randn(B, ucfg.out_channels, ucfg.image_size, ucfg.image_size, generator=generator,
-                      device=device)  # (B, C, H, W)
-    denoise = lambda x_t, t: guided_prediction(model, x_t, t, text, sampler_cfg.guidance_scale)
-    return sample(denoise, x_T, schedule, sampler_cfg, generator=generator, progress=progress)
-
-
-def guided_prediction(model, x_t, t, text, scale):
-    """The model's output at (x_t, t) under classifier-free guidance with `scale` (1: conditional only, one
-    pass); the conditional and unconditional halves run as one batch of 2B."""
-    if scale == 1.0:
-        return model.denoise(x_t, t, text)
-    B = len(x_t)
-    tokens, mask, pooled = text
-    both = (torch.cat([tokens, tokens]), torch.cat([mask, mask]),
-            None if pooled is None else torch.cat([pooled, pooled]))
-    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
-    out = model.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), both, drop_cond=drop)  # (2B, C, H, W)
-    cond, uncond = out.chunk(2)
-    return guidance(cond, uncond, scale)
-
-
 def vae_fingerprint(vae, scale_factor):
     """What a latent U-Net remembers of the VAE it was trained on: the VAE's config, its latent scale factor and
     a SHA-256 of its weights, so that sampling with another VAE (whose latents mean something else) is refused."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
@@ -234,30 +210,81 @@ def load_latent_vae(path, expected, device):
     return vae, scale_factor
 
 
+# Sampler presets (the usual advice for such models: guidance trades diversity for prompt agreement, Ho & Salimans
+# 2022 Fig. 3; DDIM's quality saturates with steps, Song et al. 2020 Table 1). Flags given with a preset win.
+PRESETS = {
+    "fast": {"sampler": "ddim", "num_inference_steps": 20, "guidance_scale": 3.0},       # a quick look
+    "quality": {"sampler": "ddim", "num_inference_steps": 100, "guidance_scale": 5.0},   # closer to the prompt
+    "creative": {"sampler": "ddim", "num_inference_steps": 50, "guidance_scale": 1.5},   # more varied, looser
+}
+
+
 @dataclass
 class Text2Image:
     """The parts joined for sampling: tokenizer -> text encoder -> U-Net (-> VAE decoder in latent space).
 
     Pixel space: the sampler's x_0 is the picture. Latent space (Rombach et al. 2022, Sec. 3-4): the sampler's
     x_0 is a latent z scaled by the VAE's scale factor (so that it has unit variance, their Sec. 4.3.2), and the
-    picture is D(z / scale_factor)."""
+    picture is D(z / scale_factor). `settings` is a SamplerConfig (the checkpoint's defaults)."""
     model: TextConditionedUNet
     tokenizer: BPETokenizer
     schedule: NoiseSchedule
     model_cfg: ModelConfig
-    sampler_cfg: SamplerConfig  # the checkpoint's defaults
+    settings: SamplerConfig  # the checkpoint's defaults
+    data: dict  # the data config the model was trained on (dataset, resolution, max_objects, ...)
     vae: nn.Module | None = None
     scale_factor: float = 1.0
+    presets = PRESETS
+
+    @property
+    def family(self):
+        return "pixel" if self.vae is None else "ldm"
+
+    @property
+    def resolution(self):
+        return self.model.unet.cfg.image_size * (1 if self.vae is None else self.vae.cfg.factor)
 
     def check_prompts(self, prompts, truncate=False):
         """Raise the one-line error of the first bad prompt (empty, over the token limit) before any compute."""
         self.tokenizer(list(prompts), max_length=self.model.text_encoder.cfg.max_length, truncate=truncate)
 
+    def settings_with(self, preset=None, sampler=None, steps=None, eta=None, guidance=None, spacing=None,
+                      dynamic_threshold=False, threshold_ratio=None, threshold_max=None):
+        """The checkpoint's sampler settings, then the preset's, then the flags' (None = not given).
+        dynamic_threshold: Imagen's dynamic thresholding (Sec. 2.3), percentile threshold_ratio (default 0.995)
+        and cap threshold_max (default none, as in Imagen), pixel space only."""
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; use one of {', '.join(sorted(PRESETS))}")
+        cfg = replace(self.settings, **PRESETS[preset]) if preset else self.settings
+        flags = {"sampler": sampler, "num_inference_steps": steps, "eta": eta, "guidance_scale": guidance,
+                 "timestep_spacing": spacing}
+        cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+        if not dynamic_threshold:
+            if threshold_ratio is not None or threshold_max is not None:
+                raise ValueError("--threshold-ratio and --threshold-max set dynamic thresholding; add --dynamic-threshold")
+            return cfg
+        if self.vae is not None:
+            raise ValueError("--dynamic-threshold is for pixel space (latents are not bounded to [-1, 1]); drop it")
+        ratio = 0.995 if threshold_ratio is None else threshold_ratio
+        cap = math.inf if threshold_max is None else threshold_max
+        if not (0 < ratio <= 1 and cap >= 1):
+            raise ValueError(f"--threshold-ratio must be in (0, 1] and --threshold-max at least 1, got {ratio} and {cap}")
+        return replace(cfg, thresholding=True, clip_sample=False, dynamic_thresholding_ratio=ratio,
+                       sample_max_value=cap)
+
     @torch.no_grad()
-    def __call__(self, prompts, sampler_cfg=None, generator=None, truncate=False, progress=True):
-        """Prompts -> pictures (B, 3, H, W) in [-1, 1]."""
-        x0 = generate(self.model, self.tokenizer, self.schedule, prompts, sampler_cfg or self.sampler_cfg,
-                      generator=generator, truncate=truncate, progress=progress)
+    def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True):
+        """Prompts -> pictures (B, 3, H, W) in [-1, 1]. Noise and sampler noise come only from `generator`, so the
+        same seed gives the same pixels."""
+        settings = settings or self.settings
+        device = next(self.model.parameters()).device
+        ids, mask = self.tokenizer(list(prompts), max_length=self.model.text_encoder.cfg.max_length, truncate=truncate)
+        cond = self.model.encode_text(ids.to(device), mask.to(device))
+        u = self.model.unet.cfg
+        x_T = torch.randn(len(prompts), u.out_channels, u.image_size, u.image_size, generator=generator,
+                          device=device)  # (B, C, H, W)
+        denoise = lambda x_t, t: guided_prediction(self.model.denoise, x_t, t, cond, settings.guidance_scale)
+        x0 = sample(denoise, x_T, self.schedule, settings, generator=generator, progress=progress)
         if self.vae is None:
             return x0
         return self.vae.decode(x0 / self.scale_factor).clamp(-1, 1)
@@ -266,7 +293,6 @@ class Text2Image:
 def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
     """A diffusion checkpoint dict -> Text2Image in eval mode. A latent checkpoint also loads its VAE: from
     `vae_path`, else from the path stored at training, and checks it is the VAE the U-Net was trained on."""
-
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
                                                                             "schedule", "text_encoder")
                                                if k in ckpt["config"]})  # text_encoder: absent before issue 3
@@ -281,4 +307,5 @@ def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
         vae, scale_factor = load_latent_vae(vae_path or ckpt["config"]["vae"], ckpt["vae"], device)
     elif vae_path:
         raise ValueError("a VAE was given but this diffusion checkpoint is pixel-space; drop --vae")
-    return Text2Image(model.to(device).eval(), tokenizer, schedule, model_cfg, sampler_cfg, vae, scale_factor)
+    return Text2Image(model.to(device).eval(), tokenizer, schedule, model_cfg, sampler_cfg, ckpt["config"]["data"], vae,
+                      scale_factor)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from models.attention import TransformerBlock
+from models.conditioning import Conditioning
 
 
 @dataclass
@@ -323,22 +324,23 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0 (DDPM/ADM convention)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t, context, context_mask=None, pooled=None, drop_cond=None, low_res=None,
-                noise_aug_level=None):
+    def forward(self, x, t, cond: Conditioning | None = None):
         """
-        x (B, in_channels, H, W); t (B,) or () long/float timesteps;
-        context (B, L, context_dim) text tokens, or None = every sample uses the null context;
-        context_mask (B, L) bool, True = real token (padding is never attended; every row needs a True,
-            e.g. the start token, or that sample's attention is undefined);
+        x (B, in_channels, H, W); t (B,) or () long/float timesteps; cond (models/conditioning.py), whose fields:
+        tokens (B, L, context_dim) text vectors for cross-attention, or None = every sample uses the null context;
+        mask (B, L) bool, True = real token (padding is never attended; every row needs a True, e.g. the start
+            token, or that sample's attention is undefined);
         pooled (B, pooled_dim), required iff cfg.pooled_dim > 0;
-        drop_cond (B,) bool: True samples get the learned null context / null pooled vector (CFG training
-            drops the prompt with some probability; CFG sampling runs one batch with [False]*B + [True]*B);
+        drop (B,) bool: True samples get the learned null context / null pooled vector (CFG training drops the
+            prompt with some probability; CFG sampling runs one batch with [False]*B + [True]*B);
         low_res (B, low_res_channels, h, w), required iff cfg.low_res_channels > 0, upsampled bilinearly
-            (align_corners=False) to (H, W); noise_aug_level (B,) the timestep at which low_res was noised,
-            in the same units as t (Imagen's noise conditioning augmentation; pass zeros for none).
+            (align_corners=False) to (H, W); aug_level (B,) the timestep at which low_res was noised, in the same
+            units as t (Imagen's noise conditioning augmentation; zeros for none);
+        image_embed is not read here: unCLIP's decoder projects it into pooled and extra tokens first.
         Returns (B, out_channels, H, W).
         """
         cfg = self.cfg
+        cond = cond or Conditioning()
         B, C, H, W = x.shape
         if C != cfg.in_channels:
             raise ValueError(f"x has {C} channels but cfg.in_channels={cfg.in_channels}")
@@ -350,6 +352,12 @@ class UNet(nn.Module):
             t = t.expand(B)  # (B,)
         if t.shape != (B,):
             raise ValueError(f"t must be a scalar or (B,) = ({B},), got shape {tuple(t.shape)}")
+        if cond.image_embed is not None:
+            raise ValueError("an image embedding reaches the U-Net unprojected; unCLIP's decoder turns it into pooled "
+                             "and extra tokens first")
+        drop, context, context_mask, pooled = cond.drop, cond.tokens, cond.mask, cond.pooled
+        if drop is not None and (drop.shape != (B,) or drop.dtype != torch.bool):
+            raise ValueError(f"drop must be bool ({B},), got {drop.dtype} {tuple(drop.shape)}")
 
         # --- condition: text tokens, with the null token for dropped samples (Ho & Salimans 2022)
         if context is None:
@@ -357,19 +365,15 @@ class UNet(nn.Module):
             context_mask = None
         else:
             if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
-                raise ValueError(f"context must be (B, L, {cfg.context_dim}) with B={B}, got {tuple(context.shape)}")
+                raise ValueError(f"tokens must be (B, L, {cfg.context_dim}) with B={B}, got {tuple(context.shape)}")
             L = context.shape[1]
             if context_mask is not None and (context_mask.shape != (B, L) or context_mask.dtype != torch.bool):
-                raise ValueError(
-                    f"context_mask must be bool ({B}, {L}), got {context_mask.dtype} {tuple(context_mask.shape)}"
-                )
-            if drop_cond is not None:
-                if drop_cond.shape != (B,) or drop_cond.dtype != torch.bool:
-                    raise ValueError(f"drop_cond must be bool ({B},), got {drop_cond.dtype} {tuple(drop_cond.shape)}")
+                raise ValueError(f"mask must be bool ({B}, {L}), got {context_mask.dtype} {tuple(context_mask.shape)}")
+            if drop is not None:
                 null = self.null_context.to(context.dtype).expand(B, L, cfg.context_dim)  # (B, L, D)
-                context = torch.where(drop_cond[:, None, None], null, context)  # (B, L, D)
+                context = torch.where(drop[:, None, None], null, context)  # (B, L, D)
                 if context_mask is not None:
-                    context_mask = context_mask | drop_cond[:, None]  # (B, L): the null token at every position
+                    context_mask = context_mask | drop[:, None]  # (B, L): the null token at every position
 
         # --- time embedding (+ pooled text, + noise-augmentation level)
         emb = self.time_embed(timestep_embedding(t, cfg.channels))  # (B, 4*ch)
@@ -378,32 +382,33 @@ class UNet(nn.Module):
                 raise ValueError(f"this U-Net has pooled_dim={cfg.pooled_dim}: pass pooled (B, {cfg.pooled_dim})")
             if pooled.shape != (B, cfg.pooled_dim):
                 raise ValueError(f"pooled must be ({B}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
-            if drop_cond is not None:
-                pooled = torch.where(drop_cond[:, None], self.null_pooled.to(pooled.dtype), pooled)  # (B, P)
+            if drop is not None:
+                pooled = torch.where(drop[:, None], self.null_pooled.to(pooled.dtype), pooled)  # (B, P)
             emb = emb + self.pooled_proj(pooled)  # (B, 4*ch)
         elif pooled is not None:
             raise ValueError("pooled was given but cfg.pooled_dim=0; set pooled_dim to use a pooled text vector")
 
         # --- super-resolution input (Imagen): upsample the low-res image and concatenate it to x
+        low_res, aug_level = cond.low_res, cond.aug_level
         if cfg.low_res_channels > 0:
-            if low_res is None or noise_aug_level is None:
+            if low_res is None or aug_level is None:
                 raise ValueError(
                     "this is a super-resolution U-Net (low_res_channels>0): pass low_res (B, "
-                    f"{cfg.low_res_channels}, h, w) and noise_aug_level (B,) (zeros for no augmentation)"
+                    f"{cfg.low_res_channels}, h, w) and aug_level (B,) (zeros for no augmentation)"
                 )
             if low_res.ndim != 4 or low_res.shape[:2] != (B, cfg.low_res_channels):
                 raise ValueError(f"low_res must be ({B}, {cfg.low_res_channels}, h, w), got {tuple(low_res.shape)}")
             if low_res.shape[2:] != (H, W):
                 low_res = F.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)  # (B, c_lr, H, W)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C + c_lr, H, W)
-            noise_aug_level = torch.as_tensor(noise_aug_level, device=x.device)
-            if noise_aug_level.ndim == 0:
-                noise_aug_level = noise_aug_level.expand(B)  # (B,)
-            if noise_aug_level.shape != (B,):
-                raise ValueError(f"noise_aug_level must be a scalar or ({B},), got {tuple(noise_aug_level.shape)}")
-            emb = emb + self.aug_embed(timestep_embedding(noise_aug_level, cfg.channels))  # (B, 4*ch)
-        elif low_res is not None or noise_aug_level is not None:
-            raise ValueError("low_res/noise_aug_level given but cfg.low_res_channels=0; set low_res_channels")
+            aug_level = torch.as_tensor(aug_level, device=x.device)
+            if aug_level.ndim == 0:
+                aug_level = aug_level.expand(B)  # (B,)
+            if aug_level.shape != (B,):
+                raise ValueError(f"aug_level must be a scalar or ({B},), got {tuple(aug_level.shape)}")
+            emb = emb + self.aug_embed(timestep_embedding(aug_level, cfg.channels))  # (B, 4*ch)
+        elif low_res is not None or aug_level is not None:
+            raise ValueError("low_res/aug_level given but cfg.low_res_channels=0; set low_res_channels")
 
         # --- the U (H, W below are the image's sides divided by patch_size)
         if cfg.patch_size > 1:

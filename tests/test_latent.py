@@ -114,7 +114,7 @@ def test_ldm_bad_input(vaes, ldm, tmp_path, capsys):
                                       "--out", str(tmp_path / "x.png")], capsys)
     assert "not found" in err
     err = cli_error(sample_cli.main, ["--config", str(tmp_path / "p.yaml"), *base], capsys)
-    assert "pass --pipeline ldm" in err
+    assert "pass --pipeline NAME" in err
     (tmp_path / "p.yaml").write_text(f"diffusion: {ldm}\npreset: slow\n")
     err = cli_error(sample_cli.main, ["--pipeline", "ldm", "--config", str(tmp_path / "p.yaml"), *base], capsys)
     assert "unknown preset 'slow'" in err

@@ -1,5 +1,6 @@
-"""The sampling command line's settings: presets and flags over the checkpoint's sampler, dynamic thresholding as
-Imagen defines it (not static clipping), and the order of the two halves of classifier-free guidance."""
+"""The sampling flags (models/pipeline.py) on a diffusion pipeline's settings: presets and flags over the checkpoint's
+sampler, dynamic thresholding as Imagen defines it (not static clipping); and the order of the two halves of
+classifier-free guidance."""
 import math
 from dataclasses import replace
 
@@ -7,13 +8,17 @@ import pytest
 import torch
 
 import sample.__main__ as sample_cli
+from models.conditioning import Conditioning, guided_prediction
+from models.pipeline import settings_from_args
 from models.samplers import SamplerConfig, clip_or_threshold_x0, guidance
-from models.text2image import guided_prediction
+from models.text2image import Text2Image
 
 
 def settings(*flags, stored=SamplerConfig(clip_sample=True), preset=None, space="pixel"):
+    """The settings `python -m sample` would use with these flags, for a pixel or latent diffusion pipeline."""
     args = sample_cli.build_parser().parse_args(["--ckpt", "x.pt", "--prompt", "a red circle", *flags])
-    return sample_cli.sampler_settings(args, stored, preset, space)
+    pipe = Text2Image(None, None, None, None, stored, {}, vae=None if space == "pixel" else torch.nn.Identity())
+    return settings_from_args(pipe, args, preset)
 
 
 def test_dynamic_threshold_flag_is_imagens_dynamic_thresholding():
@@ -56,22 +61,20 @@ def test_flags_override_the_preset_which_overrides_the_checkpoint():
     assert cfg == replace(stored, sampler="ddim", num_inference_steps=12, guidance_scale=5.0, eta=0.5)
 
 
-class TwoFacedModel:
-    """A denoiser whose conditional output is +1 and unconditional output -1 everywhere (drop_cond selects)."""
-
-    def denoise(self, x_t, t, text, drop_cond=None):
-        out = torch.ones_like(x_t)
-        if drop_cond is not None:
-            out[drop_cond] = -1.0
-        return out
+def two_faced_denoise(x_t, t, cond):
+    """A denoiser whose conditional output is +1 and unconditional output -1 everywhere (cond.drop selects)."""
+    out = torch.ones_like(x_t)
+    if cond.drop is not None:
+        out[cond.drop] = -1.0
+    return out
 
 
 def test_guided_prediction_puts_the_conditional_half_first():
     """CFG Eq. 6: uncond + s (cond - uncond) = -1 + 2 s here; swapping the halves would give 1 - 2 s."""
     B = 3
     x_t, t = torch.zeros(B, 2, 4, 4), torch.zeros(B, dtype=torch.long)
-    text = (torch.randn(B, 5, 8), torch.ones(B, 5, dtype=torch.bool), None)
+    cond = Conditioning(tokens=torch.randn(B, 5, 8), mask=torch.ones(B, 5, dtype=torch.bool))
     for scale in (0.0, 3.0, 7.5):
-        out = guided_prediction(TwoFacedModel(), x_t, t, text, scale)
+        out = guided_prediction(two_faced_denoise, x_t, t, cond, scale)
         assert torch.equal(out, guidance(torch.ones_like(x_t), -torch.ones_like(x_t), scale))
         assert torch.equal(out, torch.full_like(x_t, -1 + 2 * scale))

@@ -6,7 +6,8 @@ import pytest
 
 from core.config import load_config
 from models.unet import UNet
-from sample.__main__ import PRESETS, PipelineConfig
+from models.pipeline import DiffusionPipelineConfig
+from models.text2image import PRESETS
 from train import diffusion
 from train.classifier import ClassifierTrainConfig
 from train.clip import ClipTrainConfig
@@ -15,7 +16,7 @@ from train.vae import VAETrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
-         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline": PipelineConfig}
+         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline": DiffusionPipelineConfig}
 
 
 def kind_of(path):
@@ -35,7 +36,7 @@ def test_shipped_config_loads(path):
             assert vae_cfg.data.resolution == cfg.data.resolution
             diffusion.check_latent_config(cfg, vae_cfg.vae)
         UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
-    if isinstance(cfg, PipelineConfig):
+    if isinstance(cfg, DiffusionPipelineConfig):
         assert cfg.preset in PRESETS
 
 

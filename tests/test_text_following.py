@@ -9,6 +9,7 @@ import torch
 import metrics.text_following as probe
 from data.claims import parse_caption
 from data.shapes import COLOURS, SHAPES
+from models.conditioning import Conditioning
 from models.schedule import NoiseSchedule, ScheduleConfig
 
 COLOUR_NAMES = list(COLOURS)
@@ -48,12 +49,12 @@ class StandIn:
         yield torch.zeros(1)
 
     def encode_text(self, ids, mask):
-        return ids, mask, None
+        return Conditioning(tokens=ids.float()[:, :, None], mask=mask)
 
-    def denoise(self, x_t, t, text, drop_cond=None):  # prediction_type "sample": the output is x0_hat
+    def denoise(self, x_t, t, cond):  # prediction_type "sample": the output is x0_hat
         if not self.follow:
             return x_t
-        rows = text[0][:, 0].tolist()
+        rows = cond.tokens[:, 0, 0].long().tolist()
         return torch.stack([picture(parse_caption(self.prompts[r])["objects"][0]) for r in rows])
 
 

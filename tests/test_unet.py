@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.attention import Attention, TransformerBlock
+from models.conditioning import Conditioning
 from models.unet import UNet, UNetConfig, timestep_embedding
 
 # Tiny: 16x16, levels of width 16/32/32, attention at 8 and 4; norm_groups 8 so every width divides.
@@ -82,7 +83,7 @@ def test_equals_diffusers_unet2dconditionmodel(use_scale_shift_norm):
     x, t, context = inputs(cfg)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True, False, True, False, True]])
     with torch.no_grad():
-        ours_out = ours(x, t, context, context_mask=mask)
+        ours_out = ours(x, t, Conditioning(tokens=context, mask=mask))
         theirs_out = theirs(x, t, context, encoder_attention_mask=mask).sample
     assert ours_out.abs().max() > 0.1  # the randomised network is not silent
     torch.testing.assert_close(ours_out, theirs_out, rtol=1e-4, atol=1e-5)
@@ -119,8 +120,8 @@ def test_output_shape_equals_input_shape(overrides, H):
         kwargs["pooled"] = torch.randn(3, cfg.pooled_dim)
     if cfg.low_res_channels:
         kwargs["low_res"] = torch.randn(3, cfg.low_res_channels, H // 4, H // 4)
-        kwargs["noise_aug_level"] = torch.tensor([0, 100, 250])
-    out = model(x, t, context, **kwargs)
+        kwargs["aug_level"] = torch.tensor([0, 100, 250])
+    out = model(x, t, Conditioning(tokens=context, **kwargs))
     assert out.shape == (3, cfg.out_channels, H, H)
     assert out.is_contiguous()
 
@@ -129,34 +130,37 @@ def test_scalar_timestep_is_broadcast():
     cfg = tiny()
     model = randomize(UNet(cfg))
     x, _, context = inputs(cfg)
-    torch.testing.assert_close(model(x, 7, context), model(x, torch.full((3,), 7), context))
+    text = Conditioning(tokens=context)
+    torch.testing.assert_close(model(x, 7, text), model(x, torch.full((3,), 7), text))
 
 
 # ---------------------------------------------------------------- conditioning
 
-def test_prompt_changes_output_and_drop_cond_removes_it():
+def test_prompt_changes_output_and_drop_removes_it():
     cfg = tiny()
     model = randomize(UNet(cfg))
     x, t, context = inputs(cfg)
     other = torch.randn_like(context)
-    assert not torch.allclose(model(x, t, context), model(x, t, other), atol=1e-4)
+    assert not torch.allclose(model(x, t, Conditioning(tokens=context)), model(x, t, Conditioning(tokens=other)),
+                              atol=1e-4)
     drop = torch.ones(3, dtype=torch.bool)
-    torch.testing.assert_close(model(x, t, context, drop_cond=drop), model(x, t, other, drop_cond=drop))
+    torch.testing.assert_close(model(x, t, Conditioning(tokens=context, drop=drop)),
+                               model(x, t, Conditioning(tokens=other, drop=drop)))
 
 
-def test_drop_cond_is_per_sample():
+def test_drop_is_per_sample():
     cfg = tiny()
     model = randomize(UNet(cfg))
     x, t, context = inputs(cfg)
     drop = torch.tensor([False, True, False])
-    mixed = model(x, t, context, drop_cond=drop)
-    cond = model(x, t, context)
-    uncond = model(x, t, context, drop_cond=torch.ones(3, dtype=torch.bool))
+    mixed = model(x, t, Conditioning(tokens=context, drop=drop))
+    cond = model(x, t, Conditioning(tokens=context))
+    uncond = model(x, t, Conditioning(tokens=context, drop=torch.ones(3, dtype=torch.bool)))
     torch.testing.assert_close(mixed[~drop], cond[~drop])
     torch.testing.assert_close(mixed[drop], uncond[drop])
     assert not torch.allclose(cond[1], uncond[1], atol=1e-4)  # the null token really is a different condition
     # context=None is the null context for everyone
-    torch.testing.assert_close(model(x, t, None), uncond)
+    torch.testing.assert_close(model(x, t, Conditioning()), uncond)
 
 
 def test_masked_out_tokens_change_nothing():
@@ -166,17 +170,19 @@ def test_masked_out_tokens_change_nothing():
     mask = torch.tensor([[True, True, True, False, False]] * 3)
     edited = context.clone()
     edited[:, 3:] = torch.randn(3, 2, cfg.context_dim) * 10
-    torch.testing.assert_close(model(x, t, context, mask), model(x, t, edited, mask))
+    torch.testing.assert_close(model(x, t, Conditioning(tokens=context, mask=mask)),
+                               model(x, t, Conditioning(tokens=edited, mask=mask)))
     edited[:, 2] += 1.0  # a real token does matter
-    assert not torch.allclose(model(x, t, context, mask), model(x, t, edited, mask), atol=1e-4)
+    assert not torch.allclose(model(x, t, Conditioning(tokens=context, mask=mask)),
+                              model(x, t, Conditioning(tokens=edited, mask=mask)), atol=1e-4)
     # dropped samples attend to the null token at every position, padding included, so even a sample with no
     # real token at all (an empty prompt, mask row all False) gets the unconditional output instead of NaN
     empty = mask.clone()
     empty[1] = False
     drop = torch.tensor([True, True, False])
-    out = model(x, t, context, empty, drop_cond=drop)
-    torch.testing.assert_close(out[:2], model(x, t, None)[:2])
-    torch.testing.assert_close(out[2], model(x, t, context, mask)[2])
+    out = model(x, t, Conditioning(tokens=context, mask=empty, drop=drop))
+    torch.testing.assert_close(out[:2], model(x, t, Conditioning())[:2])
+    torch.testing.assert_close(out[2], model(x, t, Conditioning(tokens=context, mask=mask))[2])
 
 
 def test_pooled_vector_and_its_null():
@@ -184,10 +190,11 @@ def test_pooled_vector_and_its_null():
     model = randomize(UNet(cfg))
     x, t, context = inputs(cfg)
     pooled = torch.randn(3, 6)
-    assert not torch.allclose(model(x, t, context, pooled=pooled), model(x, t, context, pooled=pooled + 1), atol=1e-4)
+    assert not torch.allclose(model(x, t, Conditioning(tokens=context, pooled=pooled)),
+                              model(x, t, Conditioning(tokens=context, pooled=pooled + 1)), atol=1e-4)
     drop = torch.ones(3, dtype=torch.bool)
-    torch.testing.assert_close(model(x, t, context, pooled=pooled, drop_cond=drop),
-                               model(x, t, context + 1, pooled=pooled + 1, drop_cond=drop))
+    torch.testing.assert_close(model(x, t, Conditioning(tokens=context, pooled=pooled, drop=drop)),
+                               model(x, t, Conditioning(tokens=context + 1, pooled=pooled + 1, drop=drop)))
 
 
 def test_super_resolution_inputs():
@@ -196,14 +203,15 @@ def test_super_resolution_inputs():
     x, t, context = inputs(cfg)
     low = torch.randn(3, 3, 8, 8)
     aug = torch.tensor([0, 0, 0])
-    out = model(x, t, context, low_res=low, noise_aug_level=aug)
-    assert not torch.allclose(out, model(x, t, context, low_res=low + 1, noise_aug_level=aug), atol=1e-4)
-    assert not torch.allclose(out, model(x, t, context, low_res=low, noise_aug_level=aug + 200), atol=1e-4)
+    out = model(x, t, Conditioning(tokens=context, low_res=low, aug_level=aug))
+    assert not torch.allclose(out, model(x, t, Conditioning(tokens=context, low_res=low + 1, aug_level=aug)), atol=1e-4)
+    assert not torch.allclose(out, model(x, t, Conditioning(tokens=context, low_res=low, aug_level=aug + 200)),
+                              atol=1e-4)
     # the low-res image is upsampled bilinearly (align_corners=False) to x's size
     up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out, model(x, t, context, low_res=up, noise_aug_level=aug))
+    torch.testing.assert_close(out, model(x, t, Conditioning(tokens=context, low_res=up, aug_level=aug)))
     with pytest.raises(ValueError, match="low_res"):
-        model(x, t, context)
+        model(x, t, Conditioning(tokens=context))
 
 
 def test_self_attention_max_resolution_removes_high_res_self_attention():
@@ -232,9 +240,9 @@ def test_patch_size_folds_pixels_into_channels_around_an_unpatched_unet():
     inner = UNet(tiny(image_size=8, in_channels=12, out_channels=12, attention_resolutions=(4, 2)))
     inner.load_state_dict(patched.state_dict())  # same names and shapes: conv_in takes 12, conv_out gives 12
     x, t, context = inputs(cfg)
-    out = patched(x, t, context)
+    out = patched(x, t, Conditioning(tokens=context))
     assert out.shape == x.shape
-    torch.testing.assert_close(out, F.pixel_shuffle(inner(F.pixel_unshuffle(x, 2), t, context), 2))
+    torch.testing.assert_close(out, F.pixel_shuffle(inner(F.pixel_unshuffle(x, 2), t, Conditioning(tokens=context)), 2))
     blocks = [n for n, m in patched.named_modules() if isinstance(m, TransformerBlock)]
     assert len(blocks) == 7  # attention at 4 (1 down + 2 up), 2 (1 + 2) and the middle, as tiny() at 8 and 4
 
@@ -251,13 +259,13 @@ def test_gradient_reaches_every_parameter_from_zero_init():
     model = UNet(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x, t, context = inputs(cfg)
-    kwargs = dict(pooled=torch.randn(3, 4), drop_cond=torch.tensor([False, True, False]),
-                  context_mask=torch.tensor([[True] * 4 + [False]] * 3),
-                  low_res=torch.randn(3, 3, 8, 8), noise_aug_level=torch.tensor([3, 50, 900]))
+    kwargs = dict(pooled=torch.randn(3, 4), drop=torch.tensor([False, True, False]),
+                  mask=torch.tensor([[True] * 4 + [False]] * 3),
+                  low_res=torch.randn(3, 3, 8, 8), aug_level=torch.tensor([3, 50, 900]))
     names = dict(model.named_parameters())
     for step in range(1, 4):
         opt.zero_grad(set_to_none=False)
-        out = model(x, t, context, **kwargs)
+        out = model(x, t, Conditioning(tokens=context, **kwargs))
         if step == 1:
             assert out.abs().max() == 0  # zero-init output conv
         F.mse_loss(out, torch.randn_like(out)).backward()
@@ -278,9 +286,9 @@ def test_attention_maps_shape_and_rows_sum_to_one():
     model = randomize(UNet(cfg))
     x, t, context = inputs(cfg, L=5)
     mask = torch.tensor([[True, True, True, False, False]] * 3)
-    plain = model(x, t, context, mask)
+    plain = model(x, t, Conditioning(tokens=context, mask=mask))
     with model.attention_maps() as maps:
-        recorded = model(x, t, context, mask)
+        recorded = model(x, t, Conditioning(tokens=context, mask=mask))
     torch.testing.assert_close(recorded, plain)  # the explicit-softmax path computes the same function
     assert len(maps) == 7
     assert maps["down_blocks.1.0.attn.blocks.0.attn2"].shape == (3, 2, 8 * 8, 5)  # (B, heads, H*W, L)
@@ -314,19 +322,19 @@ def test_bad_inputs_are_clear_errors():
     model = UNet(cfg)
     x, t, context = inputs(cfg)
     with pytest.raises(ValueError, match="divisible"):
-        model(torch.randn(3, 3, 18, 18), t, context)
+        model(torch.randn(3, 3, 18, 18), t, Conditioning(tokens=context))
     with pytest.raises(ValueError, match="in_channels"):
-        model(torch.randn(3, 4, 16, 16), t, context)
+        model(torch.randn(3, 4, 16, 16), t, Conditioning(tokens=context))
     with pytest.raises(ValueError, match="pooled_dim"):
-        model(x, t, context, pooled=torch.randn(3, 4))
-    with pytest.raises(ValueError, match="context must be"):
-        model(x, t, context[..., :-1])
-    with pytest.raises(ValueError, match="drop_cond"):
-        model(x, t, context, drop_cond=torch.tensor([1, 0, 1]))  # must be bool, not an int mask
-    with pytest.raises(ValueError, match="context_mask"):
-        model(x, t, context, context_mask=torch.ones(3, 4, dtype=torch.bool))  # L = 5 tokens
+        model(x, t, Conditioning(tokens=context, pooled=torch.randn(3, 4)))
+    with pytest.raises(ValueError, match="tokens must be"):
+        model(x, t, Conditioning(tokens=context[..., :-1]))
+    with pytest.raises(ValueError, match="drop must be bool"):
+        model(x, t, Conditioning(tokens=context, drop=torch.tensor([1, 0, 1])))  # must be bool, not an int mask
+    with pytest.raises(ValueError, match="mask must be bool"):
+        model(x, t, Conditioning(tokens=context, mask=torch.ones(3, 4, dtype=torch.bool)))  # L = 5 tokens
     with pytest.raises(ValueError, match="t must be"):
-        model(x, t[:2], context)
+        model(x, t[:2], Conditioning(tokens=context))
 
 
 # ---------------------------------------------------------------- mixed precision
@@ -335,9 +343,9 @@ def test_bf16_autocast_close_to_fp32():
     cfg = tiny()
     model = randomize(UNet(cfg), std=0.05)
     x, t, context = inputs(cfg)
-    ref = model(x, t, context)
+    ref = model(x, t, Conditioning(tokens=context))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model(x, t, context)
+        low = model(x, t, Conditioning(tokens=context))
     assert low.dtype == torch.bfloat16
     rel = (low.float() - ref).norm() / ref.norm()
     assert rel < 0.05, f"bf16 relative error {rel:.3f}"

@@ -43,6 +43,7 @@ from core.config import config_to_dict, default_out_dir, format_config, parse_co
 from core.images import image_grid
 from core.runtime import autocast, cleanup_distributed, get_device, run_cli, seed_everything, setup_distributed
 from data.dataset import DataConfig, load_data
+from models.conditioning import Conditioning
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_model, use_frozen_text_encoder,
@@ -93,9 +94,10 @@ class DiffusionConfig:
     text_encoder: str = "joint"  # joint: trained here | clip:<ckpt> | lm:<ckpt>: frozen (models/text2image.py)
     space: str = "pixel"         # pixel | latent (denoise the latents of the frozen VAE `vae`)
     vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
-    # defaults for `python -m sample`; in pixel space x0_hat is clipped to [-1, 1] as in DDPM's code and
-    # diffusers' default (an undertrained model's x0_hat at high noise is far outside the data range)
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True))
+    # the pipeline's default settings (python -m sample, the metrics): DDIM 50 steps, guidance 3; in pixel space
+    # x0_hat is clipped to [-1, 1] as in DDPM's code and diffusers' default (an undertrained model's x0_hat at high
+    # noise is far outside the data range)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True, guidance_scale=3.0))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -257,7 +259,7 @@ def main(argv=None):
         sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
         g = torch.Generator(device).manual_seed(0)
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
-        pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, vae,
+        pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, config_to_dict(cfg.data), vae,
                           scale_factor if vae is not None else 1.0)
         images = pipe(prompts, generator=g, progress=False)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
@@ -290,7 +292,7 @@ def main(argv=None):
             group["lr"] = lr_at(step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
-            pred = ddp_model(x_t, t, ids, mask, drop_cond=drop)
+            pred = ddp_model(x_t, t, ids, mask, Conditioning(drop=drop))
             err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
             if tc.snr_gamma:
                 err = err * schedule.min_snr_weight(t, tc.snr_gamma, tc.snr_plus_one)  # Hang et al. Eq. 9
