@@ -89,21 +89,34 @@ def _coerce(value, annotation, key):
     raise ConfigError(f"config key '{key}' expects {name}, got {value!r}")
 
 
-def config_from_dict(cls, d, prefix="", root_cls=None):
-    """Build dataclass `cls` from a nested dict; keys not given keep their defaults; unknown keys are errors."""
+def _default_of(f):
+    """The default value of a dataclass field (a fresh one from its default_factory)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def config_from_dict(cls, d, prefix="", root_cls=None, base=None):
+    """Build dataclass `cls` from a nested dict; keys not given keep their defaults; unknown keys are errors.
+    A section given in part keeps the defaults of its field for the rest: `model.text.width=32` changes the width of
+    the text config a default_factory made (a causal CLIP tower stays causal), not of a fresh TextEncoderConfig.
+    base: the instance whose values stand for the keys not given (by default the dataclass defaults)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in d.items():
-        if key not in names:
+        if key not in fields:
             raise _unknown_key_error(root_cls or cls, prefix + key)
         field_type = hints[key]
         if dataclasses.is_dataclass(field_type):
-            kwargs[key] = config_from_dict(field_type, value or {}, prefix + key + ".", root_cls or cls)
+            default = getattr(base, key) if base is not None else _default_of(fields[key])
+            kwargs[key] = config_from_dict(field_type, value or {}, prefix + key + ".", root_cls or cls, default)
         else:
             kwargs[key] = _coerce(value, field_type, prefix + key)
+    if base is not None:
+        kwargs = {**{name: getattr(base, name) for name in fields if fields[name].init}, **kwargs}
     return cls(**kwargs)
 
 

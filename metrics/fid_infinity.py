@@ -16,7 +16,7 @@ The reference set B keeps all its images throughout (their protocol, with B's st
         # two curves on built-in shapes renders held in memory: A from B's distribution (FID_inf ~ 0) and A
         # of the held-out (colour, shape) pairs; offline (classifier features, not comparable with papers)
 
-The docs figure notebooks/figures/fid_against_n.png is the first command's plot on exported shapes renders
+The docs figure docs/figures/fid_against_n.png is the first command's plot on exported shapes renders
 (the commands are in the README).
 
 Fast subsets: for a subset of n < D images with centred features scaled by 1/sqrt(n - 1), Z (n, D), S_a = Z^T Z

@@ -1,6 +1,6 @@
 """The diffusion family's pipeline: tokenizer -> text encoder -> U-Net denoiser (-> VAE decoder), and sampling.
 
-Stable Diffusion, DALL-E and Imagen share this pattern (see ../README.md). The text encoder is chosen by
+Stable Diffusion, DALL-E and Imagen share this pattern (see README.md). The text encoder is chosen by
 `text_encoder` (ModelConfig):
     joint        the small transformer of models/text_encoder.py, trained jointly with the U-Net, as latent
                  diffusion's text model was (Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3)
@@ -37,13 +37,8 @@ from models.conditioning import Conditioning, guided_prediction
 from models.samplers import SamplerConfig, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import TextEncoder, TextEncoderConfig
-from models.tokenizer import BPETokenizer
+from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNet, UNetConfig
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 512  # byte-level BPE: 256 bytes + merges + 3 special tokens
 
 
 @dataclass

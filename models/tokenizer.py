@@ -50,6 +50,7 @@ import html
 import re
 import unicodedata
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import regex
 import torch
@@ -78,6 +79,11 @@ END_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 WORD_CACHE_SIZE = 100_000  # the per-word encode cache is cleared when it holds this many words
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 512  # byte-level BPE trained on the captions: 256 bytes + merges + 3 special tokens
 
 
 def bytes_to_unicode():

@@ -45,8 +45,8 @@ from core.runtime import run_cli
 
 CONFIGS = Path("configs/shapes")
 SMOKE = {  # a few steps and small data per stage: the chain runs end to end in about a minute
-    "classifier": ["steps=3", "num_train_images=64", "num_eval_images=32", "batch_size=16"],
-    "clip": ["steps=3", "data.num_images=64", "batch_size=16", "eval_images=32"],
+    "classifier": ["train.steps=3", "data.num_images=64", "train.eval_images=32", "train.batch_size=16"],
+    "clip": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.eval_images=32"],
     "vae": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.eval_images=32",
             "train.scale_images=64"],
     "diffusion": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.sample_every=0"],
@@ -79,8 +79,7 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     if changes:
         raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
                          f"its folder away or pass --runs <another folder>")
-    steps = wanted["train"]["steps"] if "train" in wanted else wanted["steps"]
-    return ckpt.get("step") == steps and (kind != "vae" or ckpt["scale_factor"] is not None)
+    return ckpt.get("step") == wanted["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
 
 
 class Timer:
@@ -182,14 +181,14 @@ def main(argv=None):
     t_start = time.time()
 
     # ---- the four trained parts: the classifier (beside the VAE, or in turn), the VAE, the judge CLIP, the U-Net
-    argv = {"classifier": ["--config", str(CONFIGS / "classifier.yaml"), f"out_dir={paths['classifier'].parent}",
-                           *smoke("classifier")],
-            "judge CLIP": ["--config", str(CONFIGS / "clip_demo.yaml"), f"out_dir={paths['clip'].parent}",
-                           *smoke("clip")],
-            "VAE": ["--config", str(CONFIGS / "vae.yaml"), f"train.out_dir={paths['vae'].parent}", "train.resume=auto",
-                    *smoke("vae")],
-            "latent U-Net": ["--config", str(CONFIGS / "diffusion_latent.yaml"), f"vae={paths['vae']}",
-                             f"train.out_dir={paths['diffusion'].parent}", "train.resume=auto", *smoke("diffusion")]}
+    def stage(config, path, *extra):  # every script: --config FILE, then train.out_dir, train.resume, overrides
+        return ["--config", str(CONFIGS / config), f"train.out_dir={path.parent}", "train.resume=auto", *extra]
+
+    argv = {"classifier": stage("classifier.yaml", paths["classifier"], *smoke("classifier")),
+            "judge CLIP": stage("clip_demo.yaml", paths["clip"], *smoke("clip")),
+            "VAE": stage("vae.yaml", paths["vae"], *smoke("vae")),
+            "latent U-Net": stage("diffusion_latent.yaml", paths["diffusion"], f"vae={paths['vae']}",
+                                  *smoke("diffusion"))}
     done = {"classifier": stage_done(paths["classifier"], "shapes_classifier", train.classifier.ClassifierTrainConfig,
                                      argv["classifier"]),
             "judge CLIP": stage_done(paths["clip"], "clip", train.clip.ClipTrainConfig, argv["judge CLIP"],

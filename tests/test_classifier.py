@@ -92,14 +92,15 @@ def test_network_shapes_and_bad_config():
     with pytest.raises(ValueError, match="multiple of"):
         ShapesClassifier(ClassifierConfig(resolution=40))
     with pytest.raises(ValueError, match="eval_seed"):
-        main(["eval_seed=0", "data_seed=0"])
+        main(["train.eval_seed=0", "data.seed=0"])
 
 
 def test_training_smoke_run_checkpoint_and_predict(tmp_path):
     out_dir = tmp_path / "clf"
-    run = subprocess.run([sys.executable, "-m", "train.classifier", "steps=3", "batch_size=16", "num_train_images=64",
-                          "num_eval_images=16", "log_every=1", "device=cpu", "model.channels=16",
-                          f"out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "train.classifier", "train.steps=3", "train.batch_size=16",
+                          "data.num_images=64", "train.eval_images=16", "train.log_every=1", "train.device=cpu",
+                          "model.channels=16", f"train.out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "step 3 | loss" in run.stdout and "accuracy on 16 fresh renders" in run.stdout
     last = run.stdout.strip().splitlines()[-1]

@@ -98,7 +98,7 @@ def test_image_towers_and_text_only_subset(kind):
 CLIP_TINY = ["model.embed_dim=16", "model.text.width=32", "model.text.layers=1", "model.text.max_length=16",
              "model.text.causal=true", "model.vision.kind=conv", "model.vision.image_size=16", "model.vision.width=8",
              "model.vision.layers=2", "tokenizer.vocab_size=300", "data.resolution=16", "data.num_images=64",
-             "steps=3", "batch_size=16", "log_every=1", "eval_images=20", "device=cpu"]
+             "train.steps=3", "train.batch_size=16", "train.log_every=1", "train.eval_images=20", "train.device=cpu"]
 
 
 PRINTED = {}  # what the module's training run printed
@@ -109,7 +109,7 @@ def clip_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train_clip.main(CLIP_TINY + [f"out_dir={out}"])
+        train_clip.main(CLIP_TINY + [f"train.out_dir={out}"])
     PRINTED["clip"] = printed.getvalue()
     return out / "ckpt.pt"
 
@@ -132,8 +132,8 @@ def test_bad_training_input(clip_ckpt, capsys):
     err = cli_error(train_clip.main, CLIP_TINY + ["data.seed=2"], capsys)  # eval_seed 1: retrieval renders seed 2
     assert "both must differ from data.seed (2)" in err
     before = clip_ckpt.read_bytes()
-    err = cli_error(train_clip.main, CLIP_TINY + [f"out_dir={clip_ckpt.parent}"], capsys)
-    assert "exists; pass overwrite=true" in err and clip_ckpt.read_bytes() == before
+    err = cli_error(train_clip.main, CLIP_TINY + [f"train.out_dir={clip_ckpt.parent}"], capsys)
+    assert "exists; pass train.resume=auto" in err and clip_ckpt.read_bytes() == before
 
 
 def test_diffusion_conditioned_on_frozen_clip(clip_ckpt, tmp_path, capsys):

@@ -87,3 +87,17 @@ def test_stored_config_changes_reads_the_checkpoint_through_the_dataclass():
     other = config_to_dict(Outer(name="x", flag=True, inner=Inner(channels=8, mult=(1,), rate=0.5)))
     assert stored_config_changes(Outer, older, other).endswith("; ...")  # four changes, three named
     assert stored_config_changes(Outer, older, other, sections=("flag",)) == "flag: False -> True"
+
+
+@dataclass
+class WithFactory:
+    inner: Inner = field(default_factory=lambda: Inner(channels=8, rate=0.5))
+
+
+def test_a_section_given_in_part_keeps_its_default_factorys_values():
+    """`inner.channels=16` changes one value of the Inner the default_factory made; the others stay (rate 0.5, not
+    Inner's own 0.1): a YAML file lists only what differs from the defaults, also inside a section."""
+    cfg = load_config(WithFactory, None, ["inner.channels=16"])
+    assert cfg.inner == Inner(channels=16, rate=0.5)
+    assert config_from_dict(WithFactory, {"inner": {}}).inner == Inner(channels=8, rate=0.5)
+    assert load_config(WithFactory).inner == Inner(channels=8, rate=0.5)

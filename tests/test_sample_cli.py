@@ -1,6 +1,5 @@
 """The sampling flags (models/pipeline.py) on a diffusion pipeline's settings: presets and flags over the checkpoint's
-sampler, dynamic thresholding as Imagen defines it (not static clipping); and the order of the two halves of
-classifier-free guidance."""
+sampler, dynamic thresholding as Imagen defines it (not static clipping)."""
 import math
 from dataclasses import replace
 
@@ -8,9 +7,8 @@ import pytest
 import torch
 
 import sample.__main__ as sample_cli
-from models.conditioning import Conditioning, guided_prediction
 from models.pipeline import settings_from_args
-from models.samplers import SamplerConfig, clip_or_threshold_x0, guidance
+from models.samplers import SamplerConfig, clip_or_threshold_x0
 from models.text2image import Text2Image
 
 
@@ -59,22 +57,3 @@ def test_flags_override_the_preset_which_overrides_the_checkpoint():
     assert (cfg.sampler, cfg.num_inference_steps, cfg.guidance_scale) == ("ddim", 100, 5.0)
     cfg = settings("--steps", "12", "--eta", "0.5", stored=stored, preset="quality")
     assert cfg == replace(stored, sampler="ddim", num_inference_steps=12, guidance_scale=5.0, eta=0.5)
-
-
-def two_faced_denoise(x_t, t, cond):
-    """A denoiser whose conditional output is +1 and unconditional output -1 everywhere (cond.drop selects)."""
-    out = torch.ones_like(x_t)
-    if cond.drop is not None:
-        out[cond.drop] = -1.0
-    return out
-
-
-def test_guided_prediction_puts_the_conditional_half_first():
-    """CFG Eq. 6: uncond + s (cond - uncond) = -1 + 2 s here; swapping the halves would give 1 - 2 s."""
-    B = 3
-    x_t, t = torch.zeros(B, 2, 4, 4), torch.zeros(B, dtype=torch.long)
-    cond = Conditioning(tokens=torch.randn(B, 5, 8), mask=torch.ones(B, 5, dtype=torch.bool))
-    for scale in (0.0, 3.0, 7.5):
-        out = guided_prediction(two_faced_denoise, x_t, t, cond, scale)
-        assert torch.equal(out, guidance(torch.ones_like(x_t), -torch.ones_like(x_t), scale))
-        assert torch.equal(out, torch.full_like(x_t, -1 + 2 * scale))

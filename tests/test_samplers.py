@@ -19,7 +19,12 @@ from models.samplers import SamplerConfig, ddim_step, ddpm_step, dynamic_thresho
 from models.schedule import NoiseSchedule, ScheduleConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-diffusers = pytest.importorskip("diffusers")
+
+
+def reference():
+    """diffusers, the test-only reference, imported by the tests that compare with it and by nothing else: the
+    identities of this file run without it."""
+    return pytest.importorskip("diffusers")
 
 T = 1000
 SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
@@ -56,7 +61,7 @@ def diffusers_ddpm(beta_schedule, zero_snr, prediction_type, variance_type, spac
     options = dict(beta_schedule=DIFFUSERS_NAME[beta_schedule], rescale_betas_zero_snr=zero_snr,
                    prediction_type=prediction_type, variance_type=variance_type, clip_sample=False,
                    timestep_spacing=spacing, steps_offset=steps_offset, **betas_kw(beta_schedule))
-    d = diffusers.DDPMScheduler(**{**options, **kw})
+    d = reference().DDPMScheduler(**{**options, **kw})
     d.set_timesteps(n)
     return d
 
@@ -65,7 +70,7 @@ def diffusers_ddim(beta_schedule, zero_snr, prediction_type, spacing, n, steps_o
     options = dict(beta_schedule=DIFFUSERS_NAME[beta_schedule], rescale_betas_zero_snr=zero_snr,
                    prediction_type=prediction_type, clip_sample=False, timestep_spacing=spacing,
                    steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, **betas_kw(beta_schedule))
-    d = diffusers.DDIMScheduler(**{**options, **kw})
+    d = reference().DDIMScheduler(**{**options, **kw})
     d.set_timesteps(n)
     return d
 
@@ -144,7 +149,7 @@ def test_make_timesteps_examples():
 @pytest.mark.parametrize("spacing, steps_offset", [("leading", 0), ("leading", 1), ("trailing", 0),
                                                    ("linspace", 0)])
 def test_make_timesteps_equals_diffusers_for_every_step_count(spacing, steps_offset):
-    d = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    d = reference().DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
     extra = []
     for n in range(1, T + (0 if steps_offset else 1)):
         ours = make_timesteps(T, n, spacing, steps_offset)
@@ -201,7 +206,7 @@ def test_dynamic_threshold_properties_and_diffusers():
     assert torch.equal(dynamic_threshold(other, 0.9, 2.5)[1], out[1])
     # max_value = 1 is static clipping to [-1, 1]
     assert torch.equal(dynamic_threshold(x0, 0.995, 1.0), x0.clamp(-1, 1))
-    ref = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    ref = reference().DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
     assert torch.equal(out, ref._threshold_sample(x0))
     assert dynamic_threshold(x0.bfloat16(), 0.9, 2.5).dtype == torch.bfloat16
 
@@ -586,22 +591,63 @@ def test_denoise_is_called_with_the_listed_timesteps_as_a_batch():
     assert seen == make_timesteps(T, 7, "trailing").tolist()
 
 
-def test_sampling_in_bfloat16_and_under_autocast():
+def test_sampling_keeps_the_dtype_of_x():
+    """A bf16 model on bf16 x_T: every step stays in bf16 (the schedule's float32 coefficients are cast to x's dtype,
+    the step noise is drawn in the model output's dtype), for DDPM and for DDIM with noise."""
     s = schedule("scaled_linear", False, "v_prediction")
-    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).to(torch.bfloat16)
+    seen = []
 
     def denoise(x, t):
+        seen.append(x.dtype)
         return conv(x) * 0.1
-    x_T = torch.randn(SHAPE, generator=gen(0))
-    cfg = SamplerConfig(sampler="ddpm", num_inference_steps=5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sample(denoise, x_T, s, cfg, generator=gen(1), progress=False)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    full = sample(denoise, x_T, s, cfg, generator=gen(1), progress=False)
-    assert (out - full).abs().max() < 0.1  # bf16 model, same algorithm
-    conv.to(torch.bfloat16)
-    out = sample(denoise, x_T.bfloat16(), s, SamplerConfig(num_inference_steps=5, eta=0.5), gen(1), progress=False)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    x_T = torch.randn(SHAPE, generator=gen(0)).bfloat16()
+    for cfg in (SamplerConfig(sampler="ddpm", num_inference_steps=5), SamplerConfig(num_inference_steps=5, eta=0.5)):
+        out = sample(denoise, x_T, s, cfg, gen(1), progress=False)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert set(seen) == {torch.bfloat16}
+
+
+# --- the DDIM trajectory of an oracle, and shapes other than images -------------------------------------------------
+
+@pytest.mark.parametrize("spacing, n", [("leading", 10), ("trailing", 13), ("linspace", 7)])
+def test_ddim_eta_zero_follows_the_forward_process_of_an_oracle(spacing, n):
+    """DDIM Eq. 12 with eta = 0 and the oracle's eps_hat = eps: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps,
+    so x_t at EVERY step equals q_sample(x0, t, eps) for the eps of x_T (the last step alone, at abar = 1, would hide
+    a wrong intermediate step)."""
+    s = schedule64("cosine", "v_prediction")
+    x0 = torch.rand(SHAPE, generator=gen(1), dtype=torch.float64) * 2 - 1
+    t_first = int(make_timesteps(T, n, spacing)[0])
+    eps = torch.randn(SHAPE, generator=gen(2), dtype=torch.float64)
+    x_T = s.q_sample(x0, t_first, eps)
+    visited = []
+    denoise = oracle(s, x0)
+
+    def recording(x_t, t):
+        visited.append((int(t[0]), x_t.clone()))
+        return denoise(x_t, t)
+    out = sample(recording, x_T, s, SamplerConfig(num_inference_steps=n, timestep_spacing=spacing, eta=0.0),
+                 progress=False)
+    assert [t for t, _ in visited] == make_timesteps(T, n, spacing).tolist()
+    for t, x_t in visited:
+        torch.testing.assert_close(x_t, s.q_sample(x0, t, eps), rtol=0, atol=1e-10, msg=lambda m: f"t={t}: {m}")
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", SAMPLER_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_samplers_run_on_vectors(variant):
+    """The samplers take any x of shape (B, ...): on (B, D) embeddings (unCLIP's prior) the oracle is recovered, and
+    thresholding works per row."""
+    s = schedule("cosine", False, "sample")
+    x0 = torch.rand(4, 16, generator=gen(1)) * 2 - 1  # (B, D)
+    out = sample(oracle(s, x0), torch.randn(4, 16, generator=gen(2)), s, SamplerConfig(num_inference_steps=20, **variant),
+                 generator=gen(3), progress=False)
+    assert out.shape == (4, 16)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    thresholded = sample(oracle(s, 3 * x0), torch.randn(4, 16, generator=gen(2)), s,
+                         SamplerConfig(num_inference_steps=20, thresholding=True, sample_max_value=9.0, **variant),
+                         generator=gen(3), progress=False)
+    assert thresholded.shape == (4, 16) and thresholded.abs().max() <= 1 + 1e-6
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from core.config import load_config
-from models.unet import UNet
 from models.pipeline import DiffusionPipelineConfig
 from models.text2image import PRESETS
+from models.unet import UNet
 from train import diffusion
 from train.classifier import ClassifierTrainConfig
 from train.clip import ClipTrainConfig

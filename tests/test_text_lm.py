@@ -60,8 +60,8 @@ def test_loss_counts_only_chosen_positions_and_weights_are_tied():
         MaskedLanguageModel(TextEncoderConfig(vocab_size=40, causal=True))
 
 
-LM_TINY = ["text.width=32", "text.layers=1", "text.max_length=16", "vocab_size=300", "data.num_images=200",
-           "steps=5", "batch_size=32", "log_every=1", "eval_captions=50", "device=cpu"]
+LM_TINY = ["text.width=32", "text.layers=1", "text.max_length=16", "tokenizer.vocab_size=300", "data.num_images=200",
+           "train.steps=5", "train.batch_size=32", "train.log_every=1", "train.eval_captions=50", "train.device=cpu"]
 PRINTED = {}
 
 
@@ -70,7 +70,7 @@ def lm_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        text_lm.main(LM_TINY + [f"out_dir={out}"])
+        text_lm.main(LM_TINY + [f"train.out_dir={out}"])
     PRINTED["lm"] = printed.getvalue()
     return out / "ckpt.pt"
 
@@ -81,11 +81,11 @@ def test_training_smoke_run(lm_ckpt, capsys):
     assert load_checkpoint(lm_ckpt, "text_lm")["step"] == 5
     assert "masked-token accuracy" in PRINTED["lm"] and "heldout" in PRINTED["lm"]
     before = lm_ckpt.read_bytes()
-    err = cli_error(text_lm.main, LM_TINY + [f"out_dir={lm_ckpt.parent}"], capsys)
-    assert "exists; pass overwrite=true" in err and lm_ckpt.read_bytes() == before
-    err = cli_error(text_lm.main, LM_TINY + ["mask_prob=1.5"], capsys)
-    assert "mask_prob" in err
-    err = cli_error(text_lm.main, LM_TINY + ["text.causal=true", f"out_dir={lm_ckpt.parent / 'c'}"], capsys)
+    err = cli_error(text_lm.main, LM_TINY + [f"train.out_dir={lm_ckpt.parent}"], capsys)
+    assert "exists; pass train.resume=auto" in err and lm_ckpt.read_bytes() == before
+    err = cli_error(text_lm.main, LM_TINY + ["masking.mask_prob=1.5"], capsys)
+    assert "masking.mask_prob" in err
+    err = cli_error(text_lm.main, LM_TINY + ["text.causal=true", f"train.out_dir={lm_ckpt.parent / 'c'}"], capsys)
     assert "text.causal=false" in err
 
 
@@ -130,7 +130,7 @@ def test_diffusion_conditioned_on_frozen_lm_and_bad_text_encoder_values(lm_ckpt,
                      "--device", "cpu", "--out", str(tmp_path / "s.png")])
     capsys.readouterr()
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={out}", "train.resume=auto"], capsys)  # joint now
-    assert "cannot resume" in err and "another model/data config" in err
+    assert "cannot resume" in err and "was made with another config" in err
     run = TINY + [f"train.out_dir={tmp_path / 'x'}"]
     assert "text_encoder must be joint, clip:<ckpt> or lm:<ckpt>" in cli_error(
         diffusion.main, run + ["text_encoder=t5:foo"], capsys)

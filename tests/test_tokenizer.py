@@ -1,6 +1,5 @@
 """Byte-level BPE: lossless round trip, Sennrich's Algorithm 1 replayed naively gives the same merges, encode by
 merge ranks gives the training segmentation, state survives torch.load(weights_only=True), batch errors."""
-import io
 import random
 import re
 from collections import Counter

@@ -99,23 +99,25 @@ def test_ddpm_and_ddim_both_run(trained, tmp_path):
         assert (tmp_path / f"{sampler}.png").is_file()
 
 
-@pytest.mark.parametrize("m, s", [(0.0, 1.0), (0.5, 1.0), (-1.0, 0.6)])
-def test_logit_normal_timesteps_follow_their_distribution(m, s):
-    """SD3 Sec. 3.1: t / T = sigmoid(u), u ~ N(m, s^2), so P(t < k) = Phi((logit(k / T) - m) / s)."""
+@pytest.mark.parametrize("kind, m, s", [("logit_normal", 0.0, 1.0), ("logit_normal", 0.5, 1.0),
+                                         ("logit_normal", -1.0, 0.6), ("uniform", None, None)])
+def test_training_timesteps_follow_their_distribution(kind, m, s):
+    """DDPM Algorithm 1: t ~ U{0..T-1}, so P(t < k) = k / T. SD3 Sec. 3.1: t / T = sigmoid(u), u ~ N(m, s^2), so
+    P(t < k) = Phi((logit(k / T) - m) / s). Both drawn from the step's generator alone."""
     T, n = 1000, 200_000
-    tc = diffusion.TrainConfig(timesteps="logit_normal", logit_mean=m, logit_std=s)
+    tc = diffusion.DiffusionTrain(timesteps=kind, **({} if m is None else dict(logit_mean=m, logit_std=s)))
     t = diffusion.sample_timesteps(tc, T, n, torch.Generator().manual_seed(0), "cpu")
     assert t.dtype == torch.long and 0 <= t.min() and t.max() <= T - 1
     k = torch.arange(1, T, dtype=torch.float64)
-    expected = torch.distributions.Normal(0.0, 1.0).cdf((torch.logit(k / T) - m) / s)  # P(t < k)
+    if kind == "uniform":
+        expected = k / T
+    else:
+        expected = torch.distributions.Normal(0.0, 1.0).cdf((torch.logit(k / T) - m) / s)  # P(t < k)
     empirical = torch.bincount(t, minlength=T).cumsum(0)[:-1].double() / n  # P(t <= k - 1)
     assert (empirical - expected).abs().max() < 0.005  # Kolmogorov-Smirnov distance; 1.36 / sqrt(n) = 0.003
-
-
-def test_uniform_timesteps_are_ddpm_algorithm_1():
-    tc = diffusion.TrainConfig()
-    t = diffusion.sample_timesteps(tc, 1000, 10, torch.Generator().manual_seed(3), "cpu")
-    assert torch.equal(t, torch.randint(0, 1000, (10,), generator=torch.Generator().manual_seed(3)))
+    state = torch.get_rng_state()
+    again = diffusion.sample_timesteps(tc, T, n, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(t, again) and torch.equal(torch.get_rng_state(), state)  # the generator's draws only
 
 
 def test_bad_training_input(tmp_path, capsys, trained):
@@ -129,7 +131,7 @@ def test_bad_training_input(tmp_path, capsys, trained):
     assert (trained / "ckpt.pt").read_bytes() == before
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={trained}", "train.resume=always", "unet.channels=24",
                                             "unet.norm_groups=8"], capsys)
-    assert "another model/data config (unet.channels: 16 -> 24)" in err
+    assert "was made with another config (unet.channels: 16 -> 24)" in err
     # a checkpoint made before a config key existed (unet.patch_size) resumes: the key takes its default
     old = torch.load(trained / "ckpt.pt", weights_only=True)
     del old["config"]["unet"]["patch_size"]

@@ -226,7 +226,7 @@ def test_bad_input(tmp_path, capsys, trained):
     err = cli_error(TINY + [f"train.out_dir={trained}", "train.steps=3"], capsys)
     assert "exists; pass train.resume=auto" in err
     err = cli_error(TINY + [f"train.out_dir={trained}", "train.resume=auto", "vae.channels=16"], capsys)
-    assert "another data/vae/loss config" in err
+    assert "was made with another config (vae.channels: 8 -> 16)" in err
     assert (trained / "ckpt.pt").read_bytes() == before
 
 

@@ -25,13 +25,12 @@ stated background), judged on the true attributes with data.claims.caption_holds
 """
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.config import config_to_dict, default_out_dir, format_config, parse_config
+from core.config import format_config, parse_config
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.claims import caption_holds
 from data.dataset import DataConfig, load_data
@@ -39,7 +38,7 @@ from data.shapes import ALL_PAIRS, COLOURS, SHAPES, article, render_dataset
 from models.clip import CLIP, CLIPConfig, contrastive_loss, embed_images, embed_texts, load_clip
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
-from train.common import shuffled_batches, warmup_cosine
+from train.common import TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate, training_state
 
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}")
 
@@ -53,25 +52,26 @@ class ClipTokenizerConfig:
 
 
 @dataclass
+class ClipTrain(TrainConfig):
+    steps: int = 1000             # optimizer steps
+    batch_size: int = 128         # pairs per step: the B x B similarity matrix of the loss
+    lr: float = 1e-3              # peak AdamW learning rate (Sec. 2.5: AdamW with cosine decay)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW moments (OpenAI's CLIP: 0.98 for stability)
+    weight_decay: float = 0.1     # AdamW decoupled weight decay (not applied to gains, biases, embeddings, scale)
+    warmup_steps: int = 50        # linear warm-up, then cosine decay
+    min_lr_ratio: float = 0.01    # final learning rate as a fraction of lr
+    grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    eval_images: int = 1000       # fresh renders per split for the final evaluation (shapes only; 0 = skip)
+    eval_seed: int = 1            # rendering seeds of the evaluation images: eval_seed (zero-shot) and eval_seed + 1
+    #                               (retrieval); neither may equal data.seed
+
+
+@dataclass
 class ClipTrainConfig:
     model: CLIPConfig = field(default_factory=CLIPConfig)
     tokenizer: ClipTokenizerConfig = field(default_factory=ClipTokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    out_dir: str = ""  # '' = runs/<config file name>
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 128  # pairs per step: the B x B similarity matrix of the loss
-    lr: float = 1e-3  # peak AdamW learning rate (Sec. 2.5: AdamW with cosine decay)
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (not applied to gains, biases, embeddings, scale)
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to 1% of lr
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    seed: int = 0  # model init and batch order
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    bf16: bool = False  # bf16 autocast for forward and loss
-    log_every: int = 100  # steps between log lines
-    eval_images: int = 1000  # fresh renders per split for the final evaluation (shapes only; 0 = skip)
-    eval_seed: int = 1  # rendering seeds of the evaluation images: eval_seed (zero-shot) and eval_seed + 1
-    # (retrieval); neither may equal data.seed
-    overwrite: bool = False  # replace an existing out_dir/ckpt.pt (otherwise that is an error)
+    train: ClipTrain = field(default_factory=ClipTrain)
 
 
 def build_tokenizer(cfg: ClipTrainConfig, captions):
@@ -149,26 +149,24 @@ def evaluate(model, tokenizer, data_cfg: DataConfig, num_images, seed):
 
 def main(argv=None):
     cfg, config_path = parse_config(ClipTrainConfig, argv, description=__doc__.split("\n")[0])
+    tc = cfg.train
     if cfg.model.vision.image_size != cfg.data.resolution:
         raise ValueError(f"model.vision.image_size ({cfg.model.vision.image_size}) must equal data.resolution "
                          f"({cfg.data.resolution}); set both")
-    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.data.num_images < cfg.batch_size:
-        raise ValueError("steps must be >= 1, batch_size >= 2 (the loss contrasts pairs within a batch) and "
-                         "data.num_images >= batch_size")
-    if cfg.eval_images and cfg.data.seed in (cfg.eval_seed, cfg.eval_seed + 1):
-        raise ValueError(f"the evaluation renders seeds eval_seed ({cfg.eval_seed}) and eval_seed + 1; both must "
-                         f"differ from data.seed ({cfg.data.seed}) so that the evaluation images are unseen")
-    out_dir = Path(cfg.out_dir or default_out_dir(config_path, "clip"))
+    if tc.batch_size < 2 or cfg.data.num_images < tc.batch_size:
+        raise ValueError("train.batch_size must be >= 2 (the loss contrasts pairs within a batch) and "
+                         "data.num_images >= train.batch_size")
+    if tc.eval_images and cfg.data.seed in (tc.eval_seed, tc.eval_seed + 1):
+        raise ValueError(f"the evaluation renders seeds train.eval_seed ({tc.eval_seed}) and train.eval_seed + 1; "
+                         f"both must differ from data.seed ({cfg.data.seed}) so that the evaluation images are unseen")
+    out_dir, resumed = open_run(cfg, config_path, "clip", ("model", "tokenizer", "data"), "clip", FILLED_IN)
     ckpt_path = out_dir / "ckpt.pt"
-    if ckpt_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} exists; pass overwrite=true to replace it or choose another out_dir "
-                         f"(nothing was overwritten)")
-    device = get_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = get_device(tc.device)
+    seed_everything(tc.seed)
 
     # ---- data: images in memory, captions tokenized once
     data = load_data(cfg.data)
-    tokenizer = build_tokenizer(cfg, data.captions)
+    tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"]) if resumed else build_tokenizer(cfg, data.captions)
     L = cfg.model.text.max_length
     all_ids, all_mask = tokenizer(data.captions, max_length=L, truncate=True)  # (N, L)
     cut = tokenizer.truncation_report(data.captions, L)
@@ -181,55 +179,58 @@ def main(argv=None):
         **{**cfg.model.text.__dict__, "vocab_size": tokenizer.vocab_size})})
     cfg.model = model_cfg  # stored in the checkpoint with the vocabulary size filled in (FILLED_IN)
     model = CLIP(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=1e-6)
+    start_step = resume_state(resumed, model, optimizer, what="CLIP checkpoint weights")
     n_params = sum(p.numel() for p in model.parameters())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
     print(f"{N} image-caption pairs, tokenizer vocab {tokenizer.vocab_size}, {n_params / 1e6:.2f}M parameters "
-          f"(image tower {cfg.model.vision.kind}), device {device}", flush=True)
+          f"(image tower {cfg.model.vision.kind}), device {device}, writing to {out_dir}", flush=True)
+
+    def checkpoint(step):
+        save_checkpoint(ckpt_path, training_state("clip", cfg, step, model, optimizer,
+                                                  tokenizer=tokenizer.state_dict()))
 
     # ---- the loop
-    g = torch.Generator().manual_seed(cfg.seed)
-    batches = shuffled_batches(N, cfg.batch_size, g)
     model.train()
+    end = end_step(tc, start_step)
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="clip", dynamic_ncols=True)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="clip", dynamic_ncols=True)
     for step in bar:
-        idx = next(batches)
+        idx = batch_indices(step, tc.batch_size, N, tc.seed)  # (B,)
         x = data.batch(idx)[0].to(device)  # (B, 3, H, W) in [-1, 1]
         length = int(all_mask[idx].sum(1).max())  # drop the columns that are padding in every row
         ids, mask = all_ids[idx, :length].to(device), all_mask[idx, :length].to(device)  # (B, l)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, min_ratio=0.01)
-        with autocast(device, cfg.bf16):
+        lr = set_learning_rate(optimizer, tc, step)
+        with autocast(device, tc.bf16):
             loss, logits = contrastive_loss(model.encode_image(x).float(), model.encode_text(ids, mask).float(),
                                             model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
         model.clamp_logit_scale()  # Sec. 2.5
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
             accuracy = (logits.argmax(1) == torch.arange(len(idx), device=device)).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | in-batch image->text acc {accuracy:.3f} | "
-                       f"logit scale {model.logit_scale.exp().item():.1f} | lr {optimizer.param_groups[0]['lr']:.2e} "
-                       f"| {time.time() - t0:.0f}s")
-    train_seconds = time.time() - t0
-
-    save_checkpoint(ckpt_path, {"kind": "clip", "config": config_to_dict(cfg), "step": cfg.steps,
-                                "model": model.state_dict(), "tokenizer": tokenizer.state_dict()})
-    print(f"saved {ckpt_path} after {cfg.steps} steps ({train_seconds:.0f}s of training)", flush=True)
+            tqdm.write(f"step {done} | loss {loss.item():.4f} | in-batch image->text acc {accuracy:.3f} | "
+                       f"logit scale {model.logit_scale.exp().item():.1f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
+        if done % tc.ckpt_every == 0 or done == end:
+            checkpoint(done)
+    print(f"saved {ckpt_path} at step {end} of {tc.steps} ({time.time() - t0:.0f}s of training this run)", flush=True)
+    if end < tc.steps:
+        return
 
     # ---- evaluation through the checkpoint, as users will load it
-    if cfg.data.dataset != "shapes" or not cfg.eval_images:
+    if cfg.data.dataset != "shapes" or not tc.eval_images:
         return
     model, tokenizer, _ = load_clip(ckpt_path, device)
     t1 = time.time()
-    results = evaluate(model, tokenizer, cfg.data, cfg.eval_images, cfg.eval_seed)
-    print(f"evaluation on {cfg.eval_images} fresh renders per split (zero-shot seed {cfg.eval_seed}, retrieval seed "
-          f"{cfg.eval_seed + 1}), {time.time() - t1:.0f}s:")
+    results = evaluate(model, tokenizer, cfg.data, tc.eval_images, tc.eval_seed)
+    print(f"evaluation on {tc.eval_images} fresh renders per split (zero-shot seed {tc.eval_seed}, retrieval seed "
+          f"{tc.eval_seed + 1}), {time.time() - t1:.0f}s:")
     for name, figures in results.items():
         print(f"{name:18s} " + " | ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
     if cfg.data.split != "train":

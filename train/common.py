@@ -1,13 +1,121 @@
-"""The pieces every training script shares, each a few lines: the learning-rate schedule, the data order and the
-EMA of the weights. Not a Trainer: each script keeps its own loop and calls these (and core/ for the device,
-checkpoints and configs).
+"""The pieces every training script shares, each a few lines: the `train:` config section, opening a run (fresh or
+resumed), the learning-rate schedule, the data order, per-step random draws and the EMA of the weights. Not a
+Trainer: each script keeps its own loop and calls these (and core/ for the device, checkpoints and configs).
+
+One convention for every script (train/diffusion.py, vae.py, clip.py, classifier.py, text_lm.py):
+    python -m train.<script> --config FILE section.key=value ...
+    train.out_dir   where ckpt.pt, config.yaml and the logs go ('' = runs/<config file name>)
+    train.resume    never | auto | always | <path>; a resumed run continues exactly where it stopped: the data order
+                    (batch_indices) and every random draw of a step (step_generator) are functions of (seed, step),
+                    and the checkpoint holds the weights, the optimizer and the RNG states
+    train.stop_after, train.ckpt_every, train.min_lr_ratio, ... (TrainConfig below)
 """
 import copy
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from core.checkpoint import load_weights
+from core.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
+from core.config import config_to_dict, default_out_dir, stored_config_changes
+
+
+@dataclass
+class TrainConfig:
+    """The fields of the `train:` section that every training script has; a script's own section adds its fields
+    (EMA, conditioning dropout, evaluation sizes, ...) and states its defaults by redeclaring them."""
+    out_dir: str = ""             # '' = runs/<config file name>
+    steps: int = 1000             # optimizer steps
+    batch_size: int = 64          # samples per step (the global batch under DDP)
+    lr: float = 1e-3              # peak AdamW learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moments
+    weight_decay: float = 0.0     # AdamW decoupled weight decay
+    warmup_steps: int = 100       # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
+    grad_clip: float = 0.0        # max global gradient norm (0 = off)
+    bf16: bool = False            # bf16 autocast for forward and loss
+    seed: int = 0                 # seeds the init, the data order and every random draw of a step
+    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 100          # steps between log lines (and tensorboard scalars)
+    ckpt_every: int = 1000        # steps between checkpoints (always one at the end)
+    stop_after: int = 0           # end this invocation after this many steps (0 = run to train.steps); resume later
+    resume: str = "never"         # never: refuse to overwrite out_dir/ckpt.pt | auto: continue it if present |
+                                  # always: continue it | <path>: continue that checkpoint, writing to out_dir
+
+
+def check_train_config(tc: TrainConfig):
+    if tc.steps < 1 or tc.batch_size < 1:
+        raise ValueError("train.steps and train.batch_size must be at least 1")
+    if not 0 <= tc.min_lr_ratio <= 1 or tc.warmup_steps < 0 or tc.stop_after < 0 or tc.ckpt_every < 1:
+        raise ValueError("train.min_lr_ratio must be in [0, 1], train.warmup_steps and train.stop_after >= 0, "
+                         "train.ckpt_every >= 1")
+
+
+def open_run(cfg, config_path, kind, fixed, name, filled_in=()):
+    """Where a run writes and what it continues, decided before any data loads: train.out_dir (default
+    runs/<config file name>, else runs/<name>) and train.resume -> (out_dir, the checkpoint dict to continue or None).
+    Refused with one line, nothing written: an existing checkpoint when not resuming; a checkpoint made with another
+    config in the `fixed` sections (the model and the data; train settings may change); an EMA of another decay.
+    filled_in: config keys the script sets itself before storing the config (core.config.config_changes)."""
+    tc = cfg.train
+    check_train_config(tc)
+    out_dir = Path(tc.out_dir or default_out_dir(config_path, name))
+    ckpt_path = out_dir / "ckpt.pt"
+    resume_from = None
+    if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
+        resume_from = ckpt_path
+    elif tc.resume not in ("never", "auto"):
+        resume_from = Path(tc.resume)
+        if ckpt_path.exists() and not (resume_from.exists() and resume_from.samefile(ckpt_path)):
+            raise ValueError(f"{ckpt_path} exists and is not {resume_from}; choose another train.out_dir to continue "
+                             f"{resume_from} (nothing was overwritten)")
+    elif ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} exists; pass train.resume=auto to continue it or choose another "
+                         f"train.out_dir (nothing was overwritten)")
+    if resume_from is None:
+        return out_dir, None
+    resumed = load_checkpoint(resume_from, kind)
+    changes = stored_config_changes(type(cfg), resumed["config"], config_to_dict(cfg), fixed, filled_in)
+    if changes:
+        raise ValueError(f"cannot resume: {resume_from} was made with another config ({changes}); only train.* may "
+                         f"change when resuming; resume with the same config or choose another train.out_dir")
+    if resumed.get("ema") and getattr(tc, "ema_decay", 0) > 0:
+        EMA.check_decay(resumed["ema"], tc.ema_decay)
+    return out_dir, resumed
+
+
+def resume_state(resumed, model, optimizer, ema=None, what="weights"):
+    """Put a resumed checkpoint's weights, optimizer, EMA and RNG states back; returns the step to continue from
+    (0 for a fresh run, resumed None)."""
+    if resumed is None:
+        return 0
+    load_weights(model, resumed["model"], what)
+    optimizer.load_state_dict(resumed["optimizer"])
+    if ema is not None:
+        if not resumed.get("ema"):
+            raise ValueError("cannot resume with train.ema_decay > 0 from a checkpoint that has no EMA weights")
+        ema.load_state_dict(resumed["ema"])
+    set_rng_state(resumed["rng"])
+    return resumed["step"]
+
+
+def training_state(kind, cfg, step, model, optimizer, ema=None, **extra):
+    """The checkpoint dict of a training run: what rebuilds the model and what continues the run exactly."""
+    return {"kind": kind, "config": config_to_dict(cfg), "step": step, "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), **extra}
+
+
+def end_step(tc: TrainConfig, start_step):
+    """The step this invocation stops at: train.steps, or earlier by train.stop_after."""
+    return min(tc.steps, start_step + tc.stop_after) if tc.stop_after else tc.steps
+
+
+def step_generator(seed, step, rank=0, device="cpu"):
+    """The generator of every random draw of one step (noise, timesteps, dropout, masking) on one DDP rank: a
+    function of (seed, step, rank), so the run does not depend on where it was stopped and resumed."""
+    return torch.Generator(device).manual_seed(seed * 2**40 + step * 2**8 + rank)
 
 
 def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
@@ -17,6 +125,14 @@ def warmup_cosine(step, warmup_steps, total_steps, min_ratio=0.1):
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer, tc: TrainConfig, step):
+    """Every parameter group at lr * warmup_cosine(step); returns the rate."""
+    lr = tc.lr * warmup_cosine(step, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def batch_indices(step, batch_size, num_items, seed):
@@ -29,15 +145,6 @@ def batch_indices(step, batch_size, num_items, seed):
         perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out += perm[offset: offset + batch_size - len(out)].tolist()
     return torch.tensor(out)
-
-
-def shuffled_batches(n, batch_size, generator):
-    """Endless batches of indices into n items: a fresh random permutation each epoch (drawn from `generator`
-    when the previous one is used up), the last incomplete batch of an epoch dropped."""
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start: start + batch_size]
 
 
 class EMA:

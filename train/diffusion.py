@@ -29,7 +29,6 @@ Loop (Algorithm 1 with conditioning dropout):
 """
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,33 +37,31 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from core.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from core.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
+from core.checkpoint import save_checkpoint
+from core.config import config_to_dict, format_config, parse_config
 from core.images import image_grid
 from core.runtime import autocast, cleanup_distributed, get_device, run_cli, seed_everything, setup_distributed
 from data.dataset import DataConfig, load_data
 from models.conditioning import Conditioning
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
-from models.text2image import (ModelConfig, Text2Image, TokenizerConfig, build_model, use_frozen_text_encoder,
-                               vae_fingerprint)
+from models.text2image import ModelConfig, Text2Image, build_model, use_frozen_text_encoder, vae_fingerprint
 from models.text_encoder import TextEncoderConfig
-from models.tokenizer import BPETokenizer
+from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNetConfig
-from train.common import EMA, batch_indices, warmup_cosine
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, open_run, resume_state,
+                          set_learning_rate, step_generator, training_state)
 
 
 @dataclass
-class TrainConfig:
-    out_dir: str = ""             # '' = runs/<config file name>
+class DiffusionTrain(TrainConfig):
     steps: int = 3000             # optimizer steps
     batch_size: int = 64          # global batch, split evenly across DDP ranks
     lr: float = 1e-3              # peak AdamW learning rate
-    weight_decay: float = 0.0     # AdamW decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moments
     warmup_steps: int = 100       # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
     grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    log_every: int = 50           # steps between a log line / tensorboard scalars
     ema_decay: float = 0.999      # EMA of the weights, used for sampling
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
     snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
@@ -72,15 +69,8 @@ class TrainConfig:
     timesteps: str = "uniform"    # uniform (DDPM Algorithm 1) | logit_normal (SD3 Sec. 3.1; see sample_timesteps)
     logit_mean: float = 0.0       # logit_normal: location m; m > 0 trains the noisier steps more
     logit_std: float = 1.0        # logit_normal: scale s
-    bf16: bool = False            # bf16 autocast for forward and loss
-    seed: int = 0                 # seeds the model init, the data order and the noise
-    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
-    log_every: int = 50           # steps between a log line / tensorboard scalars
     sample_every: int = 1000      # steps between sample grids (0 = only at the end)
     sample_steps: int = 25        # DDIM steps for the training-time grids
-    ckpt_every: int = 1000        # steps between checkpoints (always one at the end)
-    stop_after: int = 0           # end this invocation after this many steps (0 = run to train.steps); resume later
-    resume: str = "never"         # never: refuse to overwrite out_dir/ckpt.pt | always: continue it | auto: continue if present
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
 
 
@@ -98,7 +88,7 @@ class DiffusionConfig:
     # x0_hat is clipped to [-1, 1] as in DDPM's code and diffusers' default (an undertrained model's x0_hat at high
     # noise is far outside the data range)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(clip_sample=True, guidance_scale=3.0))
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: DiffusionTrain = field(default_factory=DiffusionTrain)
 
 
 def check_config(cfg):
@@ -116,8 +106,7 @@ def check_config(cfg):
         if cfg.sampler.clip_sample or cfg.sampler.thresholding:
             raise ValueError("latents are not bounded to [-1, 1]; set sampler.clip_sample=false and "
                              "sampler.thresholding=false for space=latent")
-    if cfg.train.batch_size < 1 or cfg.train.steps < 1:
-        raise ValueError("train.batch_size and train.steps must be at least 1")
+    check_train_config(cfg.train)
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
@@ -173,32 +162,18 @@ def main(argv=None):
         fingerprint = vae_fingerprint(vae, scale_factor)
     frozen = use_frozen_text_encoder(cfg)  # None for joint; else the encoder, its tokenizer, its sizes in cfg.text
     tc = cfg.train
-    out_dir = Path(tc.out_dir or default_out_dir(config_path, "diffusion"))
+    fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space")  # train, sampler may change
+    out_dir, resumed = open_run(cfg, config_path, "diffusion", fixed, "diffusion")
+    if resumed and vae is not None and resumed.get("vae") != fingerprint:
+        raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the latents of another VAE than "
+                         f"{cfg.vae}; give the same VAE or choose another train.out_dir")
+    ckpt_path = out_dir / "ckpt.pt"
     rank, world = setup_distributed()
     is_main = rank == 0
     device = get_device(tc.device)
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the {world} DDP ranks")
     seed_everything(tc.seed)
-
-    ckpt_path = out_dir / "ckpt.pt"
-    if tc.resume not in ("never", "always", "auto"):
-        raise ValueError(f"train.resume must be never, always or auto, got '{tc.resume}'")
-    resumed = None
-    if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
-        resumed = load_checkpoint(ckpt_path, "diffusion")
-        fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder")  # train and sampler settings may change
-        changes = stored_config_changes(DiffusionConfig, resumed["config"], config_to_dict(cfg), fixed + ("space",))
-        if changes:
-            raise ValueError(f"cannot resume: {ckpt_path} was made with another model/data config ({changes}); "
-                             f"resume with the same config or choose another train.out_dir")
-        EMA.check_decay(resumed["ema"], tc.ema_decay)  # before the data loads
-        if vae is not None and resumed.get("vae") != fingerprint:
-            raise ValueError(f"cannot resume: {ckpt_path} was trained on the latents of another VAE than "
-                             f"{cfg.vae}; give the same VAE or choose another train.out_dir")
-    elif ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists; pass train.resume=auto to continue it or choose another "
-                         f"train.out_dir (nothing was overwritten)")
 
     # ---- data: images in memory, captions tokenized once
     data = load_data(cfg.data, progress=is_main)
@@ -224,14 +199,7 @@ def main(argv=None):
     model = build_model(model_cfg, tokenizer.vocab_size, frozen).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    lr_at = lambda s: tc.lr * warmup_cosine(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
-    start_step = 0
-    if resumed:
-        load_weights(model, resumed["model"], "diffusion checkpoint weights")
-        ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        set_rng_state(resumed["rng"])
-        start_step = resumed["step"]
+    start_step = resume_state(resumed, model, optimizer, ema, "diffusion checkpoint weights")
     if frozen:  # the frozen encoder's outputs for the training captions, computed once
         n_cached = model.text_encoder.cache_outputs(all_ids, all_mask)
         print(f"cached the frozen text encoder's outputs for {n_cached} distinct captions", flush=True)
@@ -248,12 +216,9 @@ def main(argv=None):
               f"writing to {out_dir}", flush=True)
 
     def checkpoint(step):
-        save_checkpoint(ckpt_path, {
-            "kind": "diffusion", "config": config_to_dict(cfg), "step": step,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "tokenizer": tokenizer.state_dict(), "rng": rng_state(),
-            **({"vae": fingerprint} if vae is not None else {}),
-        })
+        save_checkpoint(ckpt_path, training_state("diffusion", cfg, step, model, optimizer, ema,
+                                                  tokenizer=tokenizer.state_dict(),
+                                                  **({"vae": fingerprint} if vae is not None else {})))
 
     def sample_grid(step):
         sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
@@ -270,8 +235,8 @@ def main(argv=None):
     # ---- the loop
     local_batch = tc.batch_size // world
     model.train()
-    end_step = min(tc.steps, start_step + tc.stop_after) if tc.stop_after else tc.steps
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.steps, disable=not is_main,
+    end = end_step(tc, start_step)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, disable=not is_main,
                desc="diffusion", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
@@ -279,7 +244,7 @@ def main(argv=None):
         ids, mask = all_ids[idx].to(device), all_mask[idx].to(device)  # (b, L)
         # noise, timesteps and conditioning dropout are drawn from a generator seeded by (seed, step, rank),
         # so the run is a function of its seed, whatever the resumption points
-        g = torch.Generator(device).manual_seed(tc.seed * 2**40 + step * 2**8 + rank)
+        g = step_generator(tc.seed, step, rank, device)
         if vae is None:
             x0 = data.batch(idx)[0].to(device)  # (b, 3, H, W) in [-1, 1]
         else:  # z ~ N(mu, sigma^2) of the frozen encoder, scaled to unit variance (LDM Sec. 4.3.2)
@@ -288,8 +253,7 @@ def main(argv=None):
         t = sample_timesteps(tc, cfg.schedule.num_train_timesteps, local_batch, g, device)  # (b,)
         noise = torch.randn(x0.shape, generator=g, device=device)
         drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+        set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
             pred = ddp_model(x_t, t, ids, mask, Conditioning(drop=drop))
@@ -315,7 +279,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             tqdm.write(f"step {done} | loss {loss.item():.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | "
                        f"{time.time() - t0:.0f}s")
-        if is_main and (done % tc.ckpt_every == 0 or done in (tc.steps, end_step)):
+        if is_main and (done % tc.ckpt_every == 0 or done in (tc.steps, end)):
             checkpoint(done)
         if is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             sample_grid(done)
@@ -330,7 +294,7 @@ def main(argv=None):
             print(f"DDP: the {world} replicas hold identical weights", flush=True)
     if is_main:
         writer.close()
-        print(f"saved {ckpt_path} at step {end_step} of {tc.steps} ({time.time() - t0:.0f}s this run)", flush=True)
+        print(f"saved {ckpt_path} at step {end} of {tc.steps} ({time.time() - t0:.0f}s this run)", flush=True)
     cleanup_distributed()
 
 

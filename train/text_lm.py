@@ -20,22 +20,43 @@ is random too):
 """
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.config import config_to_dict, default_out_dir, format_config, parse_config
-from core.runtime import get_device, run_cli, seed_everything
+from core.config import format_config, parse_config
+from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from data.shapes import BACKGROUNDS, COLOURS, PLURALS, SHAPES, SIZES, sample_scene
 from models.text_encoder import TextEncoderConfig
 from models.text_lm import MaskedLanguageModel, load_text_lm, mask_tokens, masked_lm_loss
-from models.tokenizer import BPETokenizer
-from train.common import shuffled_batches, warmup_cosine
+from models.tokenizer import BPETokenizer, TokenizerConfig
+from train.common import (TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate,
+                          step_generator, training_state)
 
 ATTRIBUTE_WORDS = {*COLOURS, *SHAPES, *PLURALS.values(), *SIZES, *BACKGROUNDS}  # drawn at random in a caption
+
+
+FILLED_IN = ("text.vocab_size",)  # config keys main() sets before storing the config (core.config.config_changes)
+
+
+@dataclass
+class MaskingConfig:
+    mask_prob: float = 0.15       # BERT: fraction of real tokens chosen for prediction
+    random_prob: float = 0.1      # of the chosen: replaced by a random token
+    keep_prob: float = 0.1        # of the chosen: left unchanged (the rest become [MASK])
+
+
+@dataclass
+class TextLMTrain(TrainConfig):
+    steps: int = 1500             # optimizer steps
+    batch_size: int = 256         # captions per step
+    lr: float = 1e-3              # peak AdamW learning rate
+    weight_decay: float = 0.01    # AdamW decoupled weight decay (BERT App. A.2)
+    min_lr_ratio: float = 0.01    # final learning rate as a fraction of lr
+    eval_captions: int = 2000     # fresh captions per split for the final accuracy (shapes only; 0 = skip)
+    eval_seed: int = 1            # scene seed of the evaluation captions (must differ from data.seed)
 
 
 @dataclass
@@ -43,23 +64,10 @@ class TextLMTrainConfig:
     # the encoder; vocab_size is set to the tokenizer's + 1 ([MASK]); width = the U-Net's context_dim later
     text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(max_length=16, width=64, layers=2,
                                                                               heads=4, causal=False))
-    vocab_size: int = 512  # byte-level BPE trained on the captions (256 bytes + merges + 3 special tokens)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)  # only the captions are used
-    out_dir: str = ""  # '' = runs/<config file name>
-    steps: int = 1500  # optimizer steps
-    batch_size: int = 256  # captions per step
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (BERT App. A.2)
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to 1% of lr
-    mask_prob: float = 0.15  # BERT: fraction of real tokens chosen for prediction
-    random_prob: float = 0.1  # of the chosen: replaced by a random token
-    keep_prob: float = 0.1  # of the chosen: left unchanged (the rest become [MASK])
-    seed: int = 0  # model init, batch order and masking
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    log_every: int = 100  # steps between log lines
-    eval_captions: int = 2000  # fresh captions per split for the final accuracy (shapes only; 0 = skip)
-    eval_seed: int = 1  # scene seed of the evaluation captions (must differ from data.seed)
-    overwrite: bool = False  # replace an existing out_dir/ckpt.pt (otherwise that is an error)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TextLMTrain = field(default_factory=TextLMTrain)
 
 
 def captions_of(data_cfg: DataConfig, num, seed, split):
@@ -94,75 +102,82 @@ def masked_accuracy(model, tokenizer, captions, mask_prob, seed, batch_size=512)
 
 def main(argv=None):
     cfg, config_path = parse_config(TextLMTrainConfig, argv, description=__doc__.split("\n")[0])
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("steps and batch_size must be at least 1")
-    if cfg.eval_captions and cfg.eval_seed == cfg.data.seed:
-        raise ValueError("eval_seed must differ from data.seed so that the evaluation captions are unseen")
-    if not 0 < cfg.mask_prob < 1 or cfg.random_prob + cfg.keep_prob > 1:
-        raise ValueError("mask_prob must be in (0, 1) and random_prob + keep_prob at most 1")
+    tc, mc = cfg.train, cfg.masking
+    if tc.eval_captions and tc.eval_seed == cfg.data.seed:
+        raise ValueError("train.eval_seed must differ from data.seed so that the evaluation captions are unseen")
+    if not 0 < mc.mask_prob < 1 or mc.random_prob + mc.keep_prob > 1:
+        raise ValueError("masking.mask_prob must be in (0, 1) and masking.random_prob + masking.keep_prob at most 1")
     if cfg.text.causal:
         raise ValueError("a masked language model reads both ways; set text.causal=false")
-    out_dir = Path(cfg.out_dir or default_out_dir(config_path, "text_lm"))
+    out_dir, resumed = open_run(cfg, config_path, "text_lm", ("text", "tokenizer", "data", "masking"), "text_lm",
+                                FILLED_IN)
     ckpt_path = out_dir / "ckpt.pt"
-    if ckpt_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{ckpt_path} exists; pass overwrite=true to replace it or choose another out_dir "
-                         f"(nothing was overwritten)")
-    device = get_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = get_device(tc.device)
+    seed_everything(tc.seed)
 
     # ---- data: captions only, tokenized once
     captions = captions_of(cfg.data, cfg.data.num_images, cfg.data.seed, cfg.data.split)
-    tokenizer = BPETokenizer.train(captions, cfg.vocab_size)
+    if resumed:
+        tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"])
+    else:
+        tokenizer = BPETokenizer.train(captions, cfg.tokenizer.vocab_size)
     all_ids, all_mask = tokenizer(captions, max_length=cfg.text.max_length, truncate=True)  # (N, L)
+    cut = tokenizer.truncation_report(captions, cfg.text.max_length)
+    if cut:
+        print(cut, flush=True)
     special = {tokenizer.start_id, tokenizer.end_id, tokenizer.pad_id}
     N = len(captions)
 
     # ---- model, optimizer
     cfg.text = TextEncoderConfig(**{**cfg.text.__dict__, "vocab_size": tokenizer.vocab_size + 1})  # + [MASK]
     model = MaskedLanguageModel(cfg.text).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    start_step = resume_state(resumed, model, optimizer, what="text LM weights")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{N} captions, tokenizer vocab {tokenizer.vocab_size} (+ [MASK]), {n_params / 1e6:.2f}M parameters, "
-          f"device {device}", flush=True)
+          f"device {device}, writing to {out_dir}", flush=True)
 
     # ---- the loop
-    g = torch.Generator().manual_seed(cfg.seed)
-    batches = shuffled_batches(N, cfg.batch_size, g)
     model.train()
+    end = end_step(tc, start_step)
     t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="text_lm", dynamic_ncols=True)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="text_lm", dynamic_ncols=True)
     for step in bar:
-        idx = next(batches)
+        idx = batch_indices(step, tc.batch_size, N, tc.seed)  # (B,)
         ids, mask = all_ids[idx], all_mask[idx]  # (B, L)
-        corrupted, chosen = mask_tokens(ids, mask, special, model.mask_id, cfg.text.vocab_size, g, cfg.mask_prob,
-                                        cfg.random_prob, cfg.keep_prob)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.steps, min_ratio=0.01)
-        logits = model(corrupted.to(device), mask.to(device))  # (B, L, V)
-        loss = masked_lm_loss(logits, ids.to(device), chosen.to(device))
+        corrupted, chosen = mask_tokens(ids, mask, special, model.mask_id, cfg.text.vocab_size,
+                                        step_generator(tc.seed, step), mc.mask_prob, mc.random_prob, mc.keep_prob)
+        lr = set_learning_rate(optimizer, tc, step)
+        with autocast(device, tc.bf16):
+            logits = model(corrupted.to(device), mask.to(device))  # (B, L, V)
+            loss = masked_lm_loss(logits.float(), ids.to(device), chosen.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            tqdm.write(f"step {step + 1} | loss {loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                       f"{time.time() - t0:.0f}s")
-
-    save_checkpoint(ckpt_path, {"kind": "text_lm", "config": config_to_dict(cfg), "step": cfg.steps,
-                                "model": model.state_dict(), "tokenizer": tokenizer.state_dict()})
-    print(f"saved {ckpt_path} after {cfg.steps} steps ({time.time() - t0:.0f}s)", flush=True)
+            tqdm.write(f"step {done} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
+        if done % tc.ckpt_every == 0 or done == end:
+            save_checkpoint(ckpt_path, training_state("text_lm", cfg, done, model, optimizer,
+                                                      tokenizer=tokenizer.state_dict()))
+    print(f"saved {ckpt_path} at step {end} of {tc.steps} ({time.time() - t0:.0f}s this run)", flush=True)
+    if end < tc.steps:
+        return
 
     # ---- masked-token accuracy on fresh captions, through the checkpoint
-    if cfg.data.dataset != "shapes" or not cfg.eval_captions:
+    if cfg.data.dataset != "shapes" or not tc.eval_captions:
         return
     model, tokenizer, _ = load_text_lm(ckpt_path, device)
-    figures = {name: masked_accuracy(model, tokenizer, captions_of(cfg.data, cfg.eval_captions, cfg.eval_seed, split),
-                                     cfg.mask_prob, cfg.eval_seed)
+    figures = {name: masked_accuracy(model, tokenizer, captions_of(cfg.data, tc.eval_captions, tc.eval_seed, split),
+                                     mc.mask_prob, tc.eval_seed)
                for split, name in (("train", "heldin"), ("heldout", "heldout"))}
-    print(f"masked-token accuracy on {cfg.eval_captions} fresh captions per split (seed {cfg.eval_seed}, "
-          f"{cfg.mask_prob:.0%} of tokens masked): " + " | ".join(
+    print(f"masked-token accuracy on {tc.eval_captions} fresh captions per split (seed {tc.eval_seed}, "
+          f"{mc.mask_prob:.0%} of tokens masked): " + " | ".join(
               f"{name} all {f['all']:.3f} (grammar {f['grammar']:.3f}, attribute words {f['attribute words']:.3f})"
               for name, f in figures.items()), flush=True)
 

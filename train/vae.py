@@ -37,20 +37,20 @@ serves (EMA if on). The std of the means alone is printed next to it.
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from core.checkpoint import load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from core.config import config_to_dict, default_out_dir, format_config, parse_config, stored_config_changes
+from core.checkpoint import load_weights, save_checkpoint
+from core.config import format_config, parse_config
 from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
-from train.common import EMA, batch_indices, warmup_cosine
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, open_run, resume_state,
+                          set_learning_rate, step_generator, training_state)
 
 
 @dataclass
@@ -65,26 +65,15 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
-    out_dir: str = ""             # '' = runs/<config file name>
+class VAETrain(TrainConfig):
     steps: int = 2000             # optimizer steps
     batch_size: int = 32          # images per step
     lr: float = 1e-3              # peak Adam learning rate, for the autoencoder and the discriminator
     betas: tuple[float, float] = (0.5, 0.9)  # Adam moments (LDM's autoencoder and discriminator)
-    weight_decay: float = 0.0     # AdamW decoupled weight decay
     warmup_steps: int = 50        # linear warm-up, then cosine decay (LDM keeps the rate constant)
-    min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
-    grad_clip: float = 0.0        # max global gradient norm of the autoencoder (0 = off)
-    ema_decay: float = 0.0        # EMA of the autoencoder's weights (0 = off); used for evaluation and by load_vae
-    bf16: bool = False            # bf16 autocast for forward and loss
-    seed: int = 0                 # seeds the init, the data order and the posterior samples
-    device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     log_every: int = 50           # steps between a log line / tensorboard scalars
+    ema_decay: float = 0.0        # EMA of the autoencoder's weights (0 = off); used for evaluation and by load_vae
     image_every: int = 500        # steps between reconstruction grids (0 = only at the end)
-    ckpt_every: int = 1000        # steps between checkpoints (always one at the end)
-    stop_after: int = 0           # end this invocation after this many steps (0 = run to train.steps); resume later
-    resume: str = "never"         # never: refuse to overwrite out_dir/ckpt.pt | auto: continue it if present |
-                                  # always: continue it | <path>: continue that checkpoint, writing to out_dir
     eval_images: int = 1000       # held-out images for the final PSNR (and the first 8 for the grids)
     eval_seed: int = 1            # shapes: rendering seed of the held-out images (must differ from data.seed)
     scale_images: int = 4096      # training images whose latents set the scale factor
@@ -95,7 +84,7 @@ class VAETrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: VAETrain = field(default_factory=VAETrain)
 
 
 def check_config(cfg):
@@ -106,8 +95,9 @@ def check_config(cfg):
     if cfg.loss.rec not in ("l1", "l2"):
         raise ValueError(f"loss.rec must be l1 or l2, got {cfg.loss.rec!r}")
     tc = cfg.train
-    if tc.steps < 1 or tc.batch_size < 1 or tc.eval_images < 1 or tc.scale_images < 1:
-        raise ValueError("train.steps, train.batch_size, train.eval_images and train.scale_images must be at least 1")
+    check_train_config(tc)
+    if tc.eval_images < 1 or tc.scale_images < 1:
+        raise ValueError("train.eval_images and train.scale_images must be at least 1")
     if cfg.data.dataset == "shapes" and tc.eval_seed == cfg.data.seed:
         raise ValueError(f"train.eval_seed ({tc.eval_seed}) must differ from data.seed so that the held-out "
                          f"images are unseen")
@@ -147,32 +137,10 @@ def main(argv=None):
     cfg, config_path = parse_config(VAETrainConfig, argv, description=__doc__.split("\n")[0])
     check_config(cfg)
     tc, lc = cfg.train, cfg.loss
-    out_dir = Path(tc.out_dir or default_out_dir(config_path, "vae"))
+    out_dir, resumed = open_run(cfg, config_path, "vae", ("data", "vae", "loss"), "vae")
+    ckpt_path = out_dir / "ckpt.pt"
     device = get_device(tc.device)
     seed_everything(tc.seed)
-
-    ckpt_path = out_dir / "ckpt.pt"
-    resume_from = None
-    if tc.resume == "always" or (tc.resume == "auto" and ckpt_path.exists()):
-        resume_from = ckpt_path
-    elif tc.resume not in ("never", "auto"):
-        resume_from = Path(tc.resume)
-        if ckpt_path.exists() and not (resume_from.exists() and resume_from.samefile(ckpt_path)):
-            raise ValueError(f"{ckpt_path} exists and is not {resume_from}; choose another train.out_dir to continue "
-                             f"{resume_from} (nothing was overwritten)")
-    elif ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists; pass train.resume=auto to continue it or choose another "
-                         f"train.out_dir (nothing was overwritten)")
-    resumed = None
-    if resume_from:
-        resumed = load_checkpoint(resume_from, "vae")
-        fixed = ("data", "vae", "loss")  # train settings (steps, lr, logging) may change
-        changes = stored_config_changes(VAETrainConfig, resumed["config"], config_to_dict(cfg), fixed)
-        if changes:
-            raise ValueError(f"cannot resume: {resume_from} was made with another data/vae/loss config ({changes}); "
-                             f"resume with the same config or choose another train.out_dir")
-        if tc.ema_decay > 0 and resumed.get("ema"):
-            EMA.check_decay(resumed["ema"], tc.ema_decay)  # before the data loads
 
     # ---- data: training images in memory; held-out images rendered with another seed (or split off)
     images = load_data(cfg.data).images  # (N, 3, H, W) uint8
@@ -196,20 +164,10 @@ def main(argv=None):
     if lc.disc_weight > 0:
         disc = NLayerDiscriminator(cfg.vae.in_channels, lc.disc_channels, lc.disc_layers, lc.disc_norm).to(device)
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    lr_at = lambda s: tc.lr * warmup_cosine(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
-    start_step = 0
-    if resumed:
-        load_weights(model, resumed["model"], "VAE checkpoint weights")
-        optimizer.load_state_dict(resumed["optimizer"])
-        if ema:
-            if not resumed.get("ema"):
-                raise ValueError(f"cannot resume with train.ema_decay > 0: {resume_from} has no EMA weights")
-            ema.load_state_dict(resumed["ema"])
-        if disc:
-            load_weights(disc, resumed["disc"], "discriminator weights")
-            disc_optimizer.load_state_dict(resumed["disc_optimizer"])
-        set_rng_state(resumed["rng"])
-        start_step = resumed["step"]
+    start_step = resume_state(resumed, model, optimizer, ema, "VAE checkpoint weights")
+    if resumed and disc:
+        load_weights(disc, resumed["disc"], "discriminator weights")
+        disc_optimizer.load_state_dict(resumed["disc_optimizer"])
     eval_model = ema.model if ema else model
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,14 +180,10 @@ def main(argv=None):
           f"device {device}, writing to {out_dir}", flush=True)
 
     def checkpoint(step, scale_factor=None, psnr_db=None):
-        save_checkpoint(ckpt_path, {
-            "kind": "vae", "config": config_to_dict(cfg), "step": step, "scale_factor": scale_factor, "psnr": psnr_db,
-            "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-            "optimizer": optimizer.state_dict(),
-            "disc": disc.state_dict() if disc else None,
-            "disc_optimizer": disc_optimizer.state_dict() if disc else None,
-            "rng": rng_state(),
-        })
+        save_checkpoint(ckpt_path, training_state(
+            "vae", cfg, step, model, optimizer, ema, scale_factor=scale_factor, psnr=psnr_db,
+            disc=disc.state_dict() if disc else None,
+            disc_optimizer=disc_optimizer.state_dict() if disc else None))
 
     def reconstruction_grid(step):
         eval_model.eval()
@@ -244,18 +198,17 @@ def main(argv=None):
 
     # ---- the loop
     model.train()
-    end_step = min(tc.steps, start_step + tc.stop_after) if tc.stop_after else tc.steps
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.steps, desc="vae", dynamic_ncols=True)
+    end = end_step(tc, start_step)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="vae", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
         x = to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device)  # (B, 3, H, W)
         # posterior noise from a generator seeded by (seed, step): the run is a function of its seed
-        g = torch.Generator(device).manual_seed(tc.seed * 2**40 + step)
+        g = step_generator(tc.seed, step, device=device)
         gan_on = disc is not None and step >= lc.disc_start
         for opt in (optimizer, disc_optimizer):
             if opt is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step)
+                set_learning_rate(opt, tc, step)
 
         # -- autoencoder step
         with autocast(device, tc.bf16):
@@ -301,13 +254,13 @@ def main(argv=None):
             tqdm.write(line + f" | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {time.time() - t0:.0f}s")
         if (tc.image_every and done % tc.image_every == 0) or done == tc.steps:
             reconstruction_grid(done)
-        if done % tc.ckpt_every == 0 or done == end_step:
+        if done % tc.ckpt_every == 0 or done == end:
             checkpoint(done)
     train_time = time.time() - t0
 
-    if end_step < tc.steps:
+    if end < tc.steps:
         writer.close()
-        print(f"saved {ckpt_path} at step {end_step} of {tc.steps} ({train_time:.0f}s this run); continue with "
+        print(f"saved {ckpt_path} at step {end} of {tc.steps} ({train_time:.0f}s this run); continue with "
               f"train.resume=auto", flush=True)
         return
 
