@@ -9,8 +9,9 @@ import torch
 
 from core.checkpoint import load_checkpoint
 from data.claims import eval_prompts
-from sample import demo
-from train.diffusion import DiffusionConfig
+from sample import demo, demo_ldm
+from sample.stages import Background, Timer
+from tests.test_train_diffusion import cli_error
 
 
 def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
@@ -18,14 +19,15 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
             "--steps", "2"]
     demo.main(argv)
     out = capsys.readouterr().out
-    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    folder = tmp_path / "demo" / "ldm"
+    report = json.loads((folder / "metrics.json").read_text())
     stages = ["classifier", "VAE", "judge CLIP", "latent U-Net", "samples", "prompt accuracy",
               "images for FID and CLIP score", "FID, KID and CLIP score"]
     assert list(report["stage_seconds"]) == stages and all(s > 0 for s in report["stage_seconds"].values())
     if os.cpu_count() >= 2:  # the classifier trained in a child process beside the VAE, its output in logs/
-        assert report["stages_beside_the_vae"] == ["classifier"]
-        assert "accuracy on 2000 fresh renders" not in out
-        assert "accuracy on" in (tmp_path / "demo" / "logs" / "classifier.log").read_text()
+        assert report["stages_beside"] == ["classifier"]
+        assert "accuracy on 32 fresh renders" not in out
+        assert "accuracy on 32 fresh renders" in (folder / "logs" / "classifier.log").read_text()
     # every prompt was judged (one image each: --accuracy-n 1), and every image counted by FID and CLIP score
     assert report["prompt_accuracy"]["heldin"]["images"] == len(eval_prompts("train"))
     assert report["prompt_accuracy"]["heldout"]["images"] == len(eval_prompts("heldout"))
@@ -34,35 +36,41 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
     assert report["clip_score"]["generated"]["images"] == report["clip_score"]["real"]["images"] == 24
     vae_ckpt = load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert report["vae"]["scale_factor"] == vae_ckpt["scale_factor"] and report["vae"]["psnr_db"] == vae_ckpt["psnr"]
-    assert (tmp_path / "demo" / "samples.png").exists() and "demo summary" in out
+    assert report["family"] == "ldm" and report["seconds_per_image"] > 0
+    assert (folder / "samples.png").exists() and "ldm demo summary" in out
     demo.main(argv)  # the trained stages are done: skipped, the sampling and metrics run again
     out = capsys.readouterr().out
     for stage in ("classifier", "judge CLIP", "VAE", "latent U-Net"):
         assert f"==== {stage}: done before, skipped" in out
-    report = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    report = json.loads((folder / "metrics.json").read_text())
     assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0
     # a checkpoint of another config (an older preset) is neither used nor trained over
-    ckpt = tmp_path / "diffusion_latent" / "ckpt.pt"
-    before = ckpt.read_bytes()
-    wanted = ["--config", "configs/shapes/diffusion_latent.yaml", f"vae={tmp_path / 'vae' / 'ckpt.pt'}",
-              f"train.out_dir={ckpt.parent}", "train.resume=auto", *demo.SMOKE["diffusion"]]
-    assert demo.stage_done(ckpt, "diffusion", DiffusionConfig, wanted)
+    (unet,) = [stage for stage in demo_ldm.stages(tmp_path, smoke=True) if stage.name == "latent U-Net"]
+    assert unet.done()
+    unet.overrides.append("unet.channels=48")
     with pytest.raises(ValueError, match=r"trained with another config than the demo's configs/shapes/"
                                          r"diffusion_latent.yaml \(unet.channels: 32 -> 48\); move its folder away"):
-        demo.stage_done(ckpt, "diffusion", DiffusionConfig, wanted + ["unet.channels=48"])
-    assert ckpt.read_bytes() == before
+        unet.done()
+    unet.overrides.pop()
+    ckpt = torch.load(unet.ckpt, weights_only=True)
+    ckpt["config"]["unet"]["channels"] = 48  # as if trained with an older preset
+    torch.save(ckpt, unet.ckpt)
+    before = unet.ckpt.read_bytes()
+    err = cli_error(demo.main, argv, capsys)  # refused before anything trains or samples
+    assert "unet.channels: 48 -> 32" in err and unet.ckpt.read_bytes() == before
     # a checkpoint made before a config key existed (unet.patch_size) matches that key's default, not a change
-    old = torch.load(ckpt, weights_only=True)
-    del old["config"]["unet"]["patch_size"]
-    torch.save(old, tmp_path / "old.pt")
-    assert demo.stage_done(tmp_path / "old.pt", "diffusion", DiffusionConfig, wanted)
+    ckpt["config"]["unet"]["channels"] = 32
+    del ckpt["config"]["unet"]["patch_size"]
+    torch.save(ckpt, unet.ckpt)
+    assert unet.done()
+    unet.overrides.append("unet.patch_size=2")
     with pytest.raises(ValueError, match=r"unet.patch_size: 1 -> 2"):
-        demo.stage_done(tmp_path / "old.pt", "diffusion", DiffusionConfig, wanted + ["unet.patch_size=2"])
+        unet.done()
 
 
 def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
-    timer = demo.Timer()
-    beside = demo.Background("classifier", "train.classifier", ["train.num_steps=3"], tmp_path / "logs", timer)
+    timer = Timer()
+    beside = Background("classifier", "train.classifier", ["train.num_steps=3"], tmp_path / "logs", timer)
     beside.start()
     with pytest.raises(ValueError, match=r"classifier stage failed \(exit code 2\): error: unknown config key "
                                          r"'train.num_steps'.*classifier\.log"):
@@ -74,8 +82,8 @@ def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
 
 def test_stop_ends_the_child_beside_the_vae(tmp_path):
     """When the demo's own stage fails, the classifier's child process is ended, not left training."""
-    timer = demo.Timer()
-    beside = demo.Background("classifier", "train.classifier",
+    timer = Timer()
+    beside = Background("classifier", "train.classifier",
                              ["train.steps=100000", f"train.out_dir={tmp_path / 'c'}"],
                              tmp_path / "logs", timer)
     beside.start()

@@ -1,0 +1,134 @@
+"""The demo's machinery, shared by every family (sample/demo.py runs it): a training stage as a command with its
+config, whether it is done, wall-clock timing, and a stage trained in a child process beside another.
+
+A stage is `python -m <script> --config FILE train.out_dir=... train.resume=auto <overrides>`: the same convention for
+every training script (train/common.py), so a stage that was stopped continues, and one that finished is skipped
+unless its checkpoint was made with another config, which is refused rather than used or trained over.
+"""
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import train.classifier
+import train.clip
+from core.checkpoint import load_checkpoint
+from core.config import config_to_dict, load_config, stored_config_changes
+
+CONFIGS = Path("configs/shapes")
+
+
+@dataclass
+class Stage:
+    name: str                 # shown in the log and in metrics.json's stage_seconds
+    script: object            # the training script's module (train.vae, ...): script.main(argv) runs it
+    config: Path              # its config file
+    ckpt: Path                # where its checkpoint goes (train.out_dir = the folder)
+    kind: str                 # the checkpoint's kind
+    config_cls: type          # the script's config dataclass
+    overrides: list = field(default_factory=list)  # key=value after the config file
+    filled_in: tuple = ()     # config keys the script sets itself (core.config.config_changes)
+
+    @property
+    def argv(self):
+        return ["--config", str(self.config), f"train.out_dir={self.ckpt.parent}", "train.resume=auto",
+                *self.overrides]
+
+    @property
+    def module(self):
+        return self.script.__name__  # for `python -m` in a child process
+
+    def done(self):
+        return stage_done(self.ckpt, self.kind, self.config_cls, self.argv, self.filled_in)
+
+
+JUDGE_SMOKE = {  # a few steps and small data: the chain runs end to end in about a minute
+    "classifier": ["train.steps=3", "data.num_images=64", "train.eval_images=32", "train.batch_size=16"],
+    "judge CLIP": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.eval_images=32"],
+}
+
+
+def judges(runs, smoke):
+    """The two judges every family is measured by, trained once per runs folder: the shapes attribute classifier
+    (prompt accuracy, FID features) and a CLIP trained apart from every generator (CLIP score, R-precision)."""
+    return [Stage("classifier", train.classifier, CONFIGS / "classifier.yaml", runs / "shapes_classifier" / "ckpt.pt",
+                  "shapes_classifier", train.classifier.ClassifierTrainConfig,
+                  JUDGE_SMOKE["classifier"] if smoke else []),
+            Stage("judge CLIP", train.clip, CONFIGS / "clip_demo.yaml", runs / "clip_demo" / "ckpt.pt", "clip",
+                  train.clip.ClipTrainConfig, JUDGE_SMOKE["judge CLIP"] if smoke else [], train.clip.FILLED_IN)]
+
+
+def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
+    """A training stage is done when its checkpoint was made with the config the demo asks for (`argv`: --config FILE
+    and overrides; `filled_in`: keys the script sets itself) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
+    checkpoint of another config (an older preset, say) is an error: the demo neither uses it nor trains over it."""
+    if not Path(ckpt_path).exists():
+        return False
+    ckpt = load_checkpoint(ckpt_path, kind)
+    wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
+    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=filled_in)
+    if changes:
+        raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
+                         f"its folder away or pass --runs <another folder>")
+    return ckpt.get("step") == wanted["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
+
+
+class Timer:
+    """Wall time of each stage, printed as it ends and kept for metrics.json."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.beside = set()  # stages that ran beside another one: not part of the sum
+
+    def skipped(self, name):
+        print(f"\n==== {name}: done before, skipped", flush=True)
+        self.seconds[name] = 0.0
+
+    def run(self, name, fn, skip=False):
+        if skip:
+            return self.skipped(name)
+        print(f"\n==== {name}", flush=True)
+        t0 = time.time()
+        out = fn()
+        self.seconds[name] = round(time.time() - t0, 1)
+        print(f"==== {name}: {self.seconds[name]:.0f} s", flush=True)
+        return out
+
+
+class Background:
+    """One stage, `python -m <module> <args>`, in a child process on one thread while the demo goes on; its output
+    goes to <log_dir>/<name>.log. `wait()` returns when it is done, or raises a ValueError (one line, as for bad
+    input: a child fails on bad input) with its last line and its log; `stop()` ends it (the demo calls it when its
+    own stage fails or is interrupted, so the child does not train on by itself)."""
+
+    def __init__(self, name, module, argv, log_dir, timer):
+        self.name, self.timer, self.log = name, timer, Path(log_dir) / (name.replace(" ", "_") + ".log")
+        self.command = [sys.executable, "-m", module, *argv]
+        self.process = None
+
+    def start(self):
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.timer.seconds[self.name] = None  # keeps the report's stage order
+        self.timer.beside.add(self.name)
+        print(f"\n==== {self.name}: training beside the next stage, one thread, log {self.log}", flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        self.t0 = time.time()
+        with open(self.log, "w") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
+
+    def wait(self):
+        code = self.process.wait()
+        self.timer.seconds[self.name] = round(time.time() - self.t0, 1)
+        if code != 0:
+            last = (self.log.read_text().strip().splitlines() or [""])[-1]
+            raise ValueError(f"the {self.name} stage failed (exit code {code}): {last} (its whole output is in "
+                             f"{self.log})")
+        print(f"==== {self.name} (beside): {self.timer.seconds[self.name]:.0f} s", flush=True)
