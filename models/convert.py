@@ -8,7 +8,8 @@
         vae/, scheduler/, text_encoder/ and tokenizer/ where CLIPTextModel and CLIPTokenizer can hold them, and
         null_context.safetensors (the null condition, for diffusers' negative_prompt_embeds)
 
-The name maps are models/weight_names.py's, the reading and writing models/stable_diffusion.py's. With --to ours,
+The name maps are models/weight_names.py's, the reading models/stable_diffusion.py's, the writing of diffusers
+folders models/diffusers_export.py's. With --to ours,
 --dtype float16 writes half-size files (loaded into float32 models unless sampled with --dtype float16); diffusers
 folders are written in float32. An existing --out is never overwritten.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from core.runtime import run_cli
 from models.pipeline import add_pipeline_arguments, pipeline_from_args
-from models.stable_diffusion import export_diffusers, write_checkpoints
+from models.diffusers_export import export_diffusers
+from models.stable_diffusion import write_checkpoints
 
 
 def build_parser():

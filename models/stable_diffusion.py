@@ -8,7 +8,7 @@ cross-attention U-Net on 4 x 64 x 64 latents (320 channels, 8 heads, attention a
     load_stable_diffusion(PATH)      a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a
                                      single CompVis file (.safetensors / .ckpt) -> Text2Image (models/text2image.py)
     write_checkpoints(pipe, DIR)     -> DIR/diffusion.pt + DIR/vae.pt, our checkpoint format (python -m sample --ckpt)
-    export_diffusers(pipe, DIR)      any latent or pixel Text2Image -> a diffusers folder in safetensors
+The other direction, any model of ours out as a diffusers folder, is models/diffusers_export.py.
 
 The configs come from the files (diffusers' config.json files; in a CompVis file, from the tensors' shapes, with
 the values of SD v1's v1-inference.yaml for what shapes do not tell: 8 heads, 32 groups, CLIP's 64-wide heads, the
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from core.config import config_to_dict
 from models.clip import CLIP, CLIPConfig
@@ -46,8 +45,7 @@ from models.text_encoder import TextEncoderConfig
 from models.tokenizer import END_TOKEN, BPETokenizer, TokenizerConfig
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
-from models.weight_names import (check_all_used, clip_text_names, gather, scatter, text_encoder_names, unet_names,
-                                 vae_names)
+from models.weight_names import check_all_used, clip_text_names, gather, unet_names, vae_names
 
 # SD v1's values that a CompVis file's tensors do not tell (configs/stable-diffusion/v1-inference.yaml)
 SD_V1_HEADS = 8            # U-Net attention heads at every level (head width 40, 80, 160)
@@ -481,116 +479,3 @@ def write_checkpoints(pipe: Text2Image, out_dir, source):
                                      "ema": None, "tokenizer": pipe.tokenizer.state_dict(),
                                      "vae": vae_fingerprint(pipe.vae, pipe.scale_factor), "source": str(source)})
     return diffusion_path, vae_path
-
-
-# ---------------------------------------------------------------- our pipeline -> a diffusers folder
-
-def diffusers_unet_config(cfg: UNetConfig):
-    """UNetConfig -> UNet2DConditionModel's config (its keyword arguments)."""
-    cross = [cfg.image_size // cfg.patch_size // 2**i in cfg.attention_resolutions for i in range(len(cfg.channel_mult))]
-    return {"_class_name": "UNet2DConditionModel", "sample_size": cfg.image_size, "in_channels": cfg.in_channels,
-            "out_channels": cfg.out_channels,
-            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cross],
-            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)],
-            "block_out_channels": [cfg.channels * m for m in cfg.channel_mult], "layers_per_block": cfg.num_res_blocks,
-            "attention_head_dim": cfg.num_heads, "cross_attention_dim": cfg.context_dim,
-            "transformer_layers_per_block": cfg.transformer_depth, "norm_num_groups": cfg.norm_groups,
-            "use_linear_projection": True,
-            "resnet_time_scale_shift": "scale_shift" if cfg.use_scale_shift_norm else "default"}
-
-
-def diffusers_vae_config(cfg: VAEConfig, scale_factor):
-    levels = len(cfg.channel_mult)
-    return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
-            "block_out_channels": [cfg.channels * m for m in cfg.channel_mult], "layers_per_block": cfg.num_res_blocks,
-            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            "latent_channels": cfg.latent_channels, "norm_num_groups": cfg.norm_groups,
-            "mid_block_add_attention": cfg.mid_attention, "use_quant_conv": cfg.quant_conv,
-            "use_post_quant_conv": cfg.quant_conv, "scaling_factor": scale_factor}
-
-
-def diffusers_scheduler_config(schedule: ScheduleConfig, settings: SamplerConfig):
-    """DDIMScheduler's config: our schedule (a sigmoid one as its betas) and the checkpoint's DDIM settings."""
-    config = {"_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
-              "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
-              "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(schedule.beta_schedule, schedule.beta_schedule),
-              "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
-              "clip_sample": False, "set_alpha_to_one": settings.set_alpha_to_one,
-              "steps_offset": settings.steps_offset, "timestep_spacing": settings.timestep_spacing}
-    if schedule.beta_schedule == "sigmoid":
-        config["trained_betas"] = NoiseSchedule(schedule).betas.tolist()
-    return config
-
-
-def text_encoder_export(model, tokenizer):
-    """(CLIPTextModel config, names) for the pipeline's text encoder, or (None, why not)."""
-    encoder, cfg = model.text_encoder, model.text_encoder.cfg
-    if hasattr(encoder, "encoder") and hasattr(encoder.encoder, "transformer"):  # a frozen CLIP text tower
-        act, names, module = "quick_gelu", clip_text_names(cfg), encoder.encoder
-    elif cfg.causal:  # models/text_encoder.py (joint, or the masked LM's): separate q, k, v, GELU MLP
-        act, names, module = "gelu", text_encoder_names(cfg), getattr(encoder, "encoder", encoder)
-    else:
-        return None, None, "it is bidirectional (text.causal=false) and CLIPTextModel is always causal"
-    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
-              "hidden_size": cfg.width, "intermediate_size": 4 * cfg.width, "num_hidden_layers": cfg.layers,
-              "num_attention_heads": cfg.heads, "max_position_embeddings": cfg.max_length, "hidden_act": act,
-              "layer_norm_eps": 1e-5, "projection_dim": cfg.width, "bos_token_id": tokenizer.start_id,
-              "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
-    return config, scatter(module.state_dict(), names, "text_model."), None
-
-
-def export_diffusers(pipe: Text2Image, out_dir):
-    """A Text2Image -> a diffusers folder: unet/, vae/ (latent space), scheduler/, text_encoder/ (where
-    CLIPTextModel can hold it), tokenizer/ (CLIP's vocabulary only), model_index.json, all weights in safetensors;
-    and null_context.safetensors, the U-Net's null condition at the prompt length (L, D), which diffusers takes as
-    negative_prompt_embeds. Returns the notes on what could not be exported."""
-    out, notes = Path(out_dir), []
-    unet = pipe.model.unet
-    write_component(out / "unet", diffusers_unet_config(unet.cfg),
-                    scatter(unet.state_dict(), unet_names(unet.cfg, "diffusers")), "diffusion_pytorch_model")
-    L = pipe.model.text_encoder.cfg.max_length
-    null = unet.null_context.detach().expand(L, unet.cfg.context_dim) if unet.null_context.ndim == 1 else unet.null_context
-    save_file({"null_context": null.contiguous().float().cpu()}, str(out / "null_context.safetensors"))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "scheduler": ["diffusers", "DDIMScheduler"], "vae": [None, None], "text_encoder": [None, None],
-             "tokenizer": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
-    if pipe.vae is not None:
-        write_component(out / "vae", diffusers_vae_config(pipe.vae.cfg, pipe.scale_factor),
-                        scatter(pipe.vae.state_dict(), vae_names(pipe.vae.cfg, "diffusers")), "diffusion_pytorch_model")
-        index["vae"] = ["diffusers", "AutoencoderKL"]
-    else:
-        notes.append("no vae/: a pixel-space model")
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(diffusers_scheduler_config(pipe.model_cfg.schedule, pipe.settings), indent=2))
-    config, state, why = text_encoder_export(pipe.model, pipe.tokenizer)
-    if config is None:
-        notes.append(f"no text_encoder/: {why}")
-    else:
-        write_component(out / "text_encoder", config, state, "model")
-        index["text_encoder"] = ["transformers", "CLIPTextModel"]
-    if pipe.tokenizer.end_of_word == "</w>":  # CLIP's vocabulary: CLIPTokenizer reads it
-        tok = out / "tokenizer"
-        tok.mkdir(parents=True, exist_ok=True)
-        (tok / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(pipe.tokenizer.vocab)}))
-        (tok / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in pipe.tokenizer.merges))
-        special = {"bos_token": pipe.tokenizer.vocab[pipe.tokenizer.start_id], "unk_token": END_TOKEN,
-                   "eos_token": pipe.tokenizer.vocab[pipe.tokenizer.end_id],
-                   "pad_token": pipe.tokenizer.vocab[pipe.tokenizer.pad_id]}
-        (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer",
-                                                               "model_max_length": L, **special}, indent=2))
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    else:
-        notes.append("no tokenizer/: a byte-level BPE trained here, which CLIPTokenizer cannot express")
-    if pipe.model_cfg.padding == "masked":
-        notes.append("the U-Net was trained with padding masked out: pass unet(..., encoder_attention_mask=mask)")
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    return notes
-
-
-def write_component(folder, config, state, stem):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().float().cpu() for k, v in state.items()}, str(folder / f"{stem}.safetensors"),
-              metadata={"format": "pt"})
