@@ -1,4 +1,5 @@
-"""Convert models between our checkpoint format and the published layouts, both ways.
+"""Convert models between our checkpoint format and the published layouts, both ways (Stable Diffusion: Rombach et
+al. 2022, arXiv 2112.10752; the layouts: models/weight_names.py).
 
     python -m models.convert --pipeline ldm --weights stable-diffusion-v1-5 --to ours --out runs/sd15
         Stable Diffusion v1 (a diffusers folder or a CompVis .safetensors / .ckpt) -> runs/sd15/diffusion.pt and
@@ -8,8 +9,7 @@
         vae/, scheduler/, text_encoder/ and tokenizer/ where CLIPTextModel and CLIPTokenizer can hold them, and
         null_context.safetensors (the null condition, for diffusers' negative_prompt_embeds)
 
-The name maps are models/weight_names.py's, the reading models/stable_diffusion.py's, the writing of diffusers
-folders models/diffusers_export.py's. With --to ours,
+Reading is models/stable_diffusion.py's, writing diffusers folders models/diffusers_export.py's. With --to ours,
 --dtype float16 writes half-size files (loaded into float32 models unless sampled with --dtype float16); diffusers
 folders are written in float32. An existing --out is never overwritten.
 """

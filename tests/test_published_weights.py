@@ -521,3 +521,21 @@ def test_convert_refusals(sd_folder, tmp_path, capsys):
     err = cli_error(convert_cli.main, ["--pipeline", "ldm", "--weights", str(sd_folder[0]), "--to", "ours", "--out",
                                        str(tmp_path)], capsys)
     assert "already exists" in err
+
+
+def test_vae_saved_before_diffusers_0_14_loads(sd_folder, tmp_path):
+    """Older SD v1 folders name the VAE's attention query / key / value / proj_attn (diffusers < 0.14)."""
+    import shutil
+
+    folder, unet, vae, text = sd_folder
+    shutil.copytree(folder, tmp_path / "sd")
+    path = tmp_path / "sd" / "vae" / "diffusion_pytorch_model.safetensors"
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for k, v in load_file(path).items():
+        for new, old in legacy.items():
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        state[k] = v
+    assert "decoder.mid_block.attentions.0.proj_attn.weight" in state
+    save_file(state, str(path))
+    assert_modules_equal(load_stable_diffusion(tmp_path / "sd"), unet, vae, text)
