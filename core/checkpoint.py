@@ -53,8 +53,10 @@ def load_checkpoint(path, expected_kind):
     return ckpt
 
 
-def load_weights(module, state_dict, what="weights"):
-    """load_state_dict(strict=True) with a one-line error that says which keys or shapes do not fit."""
+def load_weights(module, state_dict, what="weights", assign=False):
+    """load_state_dict(strict=True) with a one-line error that says which keys or shapes do not fit.
+    assign=True makes the tensors of state_dict the module's parameters (a module built on the meta device then
+    costs no second copy of the weights)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -70,7 +72,7 @@ def load_weights(module, state_dict, what="weights"):
             parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]})")
         raise ValueError(f"{what} do not fit the model built from the config: " + "; ".join(parts)
                          + "; the checkpoint was made with another configuration or code version")
-    module.load_state_dict(state_dict)
+    module.load_state_dict(state_dict, assign=assign)
 
 
 def rng_state():

@@ -23,16 +23,23 @@ use nothing else. A pipeline is named on the command line in one of two ways (ad
     --ckpt PATH                         one checkpoint; its `kind` decides the family (load_pipeline)
     --pipeline NAME --config FILE       a pipeline config (configs/shapes/pipeline_NAME.yaml) naming the
                                         checkpoints of a family that joins several
+    --pipeline ldm --weights PATH       Stable Diffusion v1's published weights, a diffusers folder or a single
+                                        CompVis .safetensors / .ckpt (models/stable_diffusion.py)
+--dtype float16 | bfloat16 runs the networks in half precision (Text2Image.cast).
 """
 from dataclasses import dataclass, replace
+
+import torch
 
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.runtime import get_device
+from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
 
 FAMILIES = ("pixel", "ldm")  # the names --pipeline accepts; every family adds its own
 PRESET_NAMES = ("fast", "quality", "creative")  # every family defines these three (its `presets`)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLEABLE_KINDS = ("diffusion",)  # checkpoint kinds a pipeline can be built from alone
 
 
@@ -85,12 +92,34 @@ def add_pipeline_arguments(parser):
     parser.add_argument("--config", help="pipeline config (YAML) of --pipeline")
     parser.add_argument("--vae", help="latent diffusion: the VAE checkpoint (default: the config's, else the one "
                         "stored at training)")
+    parser.add_argument("--weights", help="Stable Diffusion v1 weights (with --pipeline ldm): a diffusers folder or a "
+                        "CompVis .safetensors / .ckpt file")
+    parser.add_argument("--tokenizer", help="with --weights FILE: CLIP's vocabulary, a tokenizer/ folder (vocab.json, "
+                        "merges.txt) or bpe_simple_vocab_16e6.txt.gz (default: the one inside an installed open_clip)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the networks' precision: float16 or "
+                        "bfloat16 halve the memory (GPU; on a CPU bfloat16)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: the config's, else auto)")
 
 
 def pipeline_from_args(args):
     """The pipeline the flags of add_pipeline_arguments name -> (pipeline, preset or None, device)."""
+    pipe, preset, device = named_pipeline(args)
+    if args.weights is None and args.dtype != "float32":
+        pipe.cast(DTYPES[args.dtype])
+    return pipe, preset, device
+
+
+def named_pipeline(args):
+    if args.tokenizer and not args.weights:
+        raise ValueError("--tokenizer is the vocabulary of a single-file --weights; pass --weights FILE with it")
+    if args.weights:
+        if args.pipeline != "ldm" or args.ckpt or args.config or args.vae:
+            raise ValueError("--weights names a whole Stable Diffusion model: pass it with --pipeline ldm and without "
+                             "--ckpt, --config or --vae")
+        device = get_device(args.device or "auto")
+        return load_stable_diffusion(args.weights, device, DTYPES[args.dtype], args.tokenizer,
+                                     use_ema=not args.no_ema), None, device
     if args.config and not args.pipeline:
         raise ValueError("--config is a pipeline config; pass --pipeline NAME with it")
     if not args.pipeline:

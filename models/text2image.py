@@ -49,6 +49,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     text_encoder: str = "joint"  # joint | clip:<ckpt> | lm:<ckpt> (frozen; see the module docstring)
+    padding: str = "masked"  # masked: padding is hidden from the text encoder and from cross-attention (ours) |
+    #                          attended: all max_length positions are read, padding included (Stable Diffusion v1:
+    #                          CLIP pads with <|endoftext|> to 77 tokens, and the U-Net attends to all 77)
 
 
 class FrozenTextEncoder(nn.Module):
@@ -100,8 +103,11 @@ class FrozenTextEncoder(nn.Module):
 class TextConditionedUNet(nn.Module):
     """Text encoder + U-Net as one module (so DDP and the optimizer see one set of parameters)."""
 
-    def __init__(self, text_cfg: TextEncoderConfig, unet_cfg: UNetConfig, text_encoder="joint"):
+    def __init__(self, text_cfg: TextEncoderConfig, unet_cfg: UNetConfig, text_encoder="joint", padding="masked"):
         super().__init__()
+        if padding not in ("masked", "attended"):
+            raise ValueError(f"unknown padding {padding!r}; use masked or attended")
+        self.padding = padding
         width = "text.width" if text_encoder == "joint" else f"the width of the frozen encoder {text_encoder}"
         if unet_cfg.context_dim != text_cfg.width:
             raise ValueError(f"unet.context_dim ({unet_cfg.context_dim}) must equal {width} ({text_cfg.width}); "
@@ -117,9 +123,13 @@ class TextConditionedUNet(nn.Module):
 
     def encode_text(self, ids, mask, cond=None):
         """(B, L) token ids and mask -> Conditioning with tokens (B, L, D), mask (B, L) and pooled (B, D) (None when
-        the U-Net reads no pooled vector), and the other fields of `cond` (drop, low_res, aug_level) kept."""
+        the U-Net reads no pooled vector), and the other fields of `cond` (drop, low_res, aug_level) kept.
+        padding="attended" (SD v1): every position is a real input, so the mask is all True for the text encoder
+        (whose pooled vector is then the last position's) and absent (None) for the U-Net."""
+        if self.padding == "attended":
+            mask = torch.ones_like(mask)
         tokens, pooled = self.text_encoder(ids, mask)
-        return replace(cond or Conditioning(), tokens=tokens, mask=mask,
+        return replace(cond or Conditioning(), tokens=tokens, mask=mask if self.padding == "masked" else None,
                        pooled=pooled if self.unet.cfg.pooled_dim else None)
 
     def denoise(self, x_t, t, cond):
@@ -172,7 +182,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
     """frozen: the dict of load_frozen_text_encoder, whose weights go into the frozen encoder (None: joint, or
     the weights come later from a diffusion checkpoint)."""
     if model_cfg.text_encoder != "joint":
-        model = TextConditionedUNet(model_cfg.text, model_cfg.unet, model_cfg.text_encoder)
+        model = TextConditionedUNet(model_cfg.text, model_cfg.unet, model_cfg.text_encoder, model_cfg.padding)
         if frozen is not None:
             load_weights(model.text_encoder.encoder, frozen["weights"], f"{frozen['kind']} text encoder weights")
         return model
@@ -181,7 +191,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
         raise ValueError(f"text.vocab_size ({text_cfg.vocab_size}) differs from the tokenizer's ({vocab_size}); "
                          f"leave text.vocab_size at 0 to take the tokenizer's")
     text_cfg = TextEncoderConfig(**{**text_cfg.__dict__, "vocab_size": vocab_size})
-    return TextConditionedUNet(text_cfg, model_cfg.unet)
+    return TextConditionedUNet(text_cfg, model_cfg.unet, padding=model_cfg.padding)
 
 
 def vae_fingerprint(vae, scale_factor):
@@ -272,30 +282,42 @@ class Text2Image:
         """Prompts -> pictures (B, 3, H, W) in [-1, 1]. Noise and sampler noise come only from `generator`, so the
         same seed gives the same pixels."""
         settings = settings or self.settings
-        device = next(self.model.parameters()).device
+        weight = next(self.model.unet.parameters())
+        device, dtype = weight.device, weight.dtype  # the networks run in their weights' dtype (see cast)
         ids, mask = self.tokenizer(list(prompts), max_length=self.model.text_encoder.cfg.max_length, truncate=truncate)
         cond = self.model.encode_text(ids.to(device), mask.to(device))
         u = self.model.unet.cfg
         x_T = torch.randn(len(prompts), u.out_channels, u.image_size, u.image_size, generator=generator,
-                          device=device)  # (B, C, H, W)
-        denoise = lambda x_t, t: guided_prediction(self.model.denoise, x_t, t, cond, settings.guidance_scale)
+                          device=device)  # (B, C, H, W), float32: the sampler's arithmetic stays in float32
+        denoise = lambda x_t, t: guided_prediction(self.model.denoise, x_t.to(dtype), t, cond,
+                                                   settings.guidance_scale).float()
         x0 = sample(denoise, x_T, self.schedule, settings, generator=generator, progress=progress)
         if self.vae is None:
             return x0
-        return self.vae.decode(x0 / self.scale_factor).clamp(-1, 1)
+        return self.vae.decode((x0 / self.scale_factor).to(dtype)).float().clamp(-1, 1)
+
+    def cast(self, dtype):
+        """The networks' weights in `dtype` (float16 / bfloat16 halve the memory and, on a GPU, the time);
+        noise, schedule and sampler stay in float32. Returns self."""
+        self.model.to(dtype)
+        if self.vae is not None:
+            self.vae.to(dtype)
+        return self
 
 
 def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
     """A diffusion checkpoint dict -> Text2Image in eval mode. A latent checkpoint also loads its VAE: from
     `vae_path`, else from the path stored at training, and checks it is the VAE the U-Net was trained on."""
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
-                                                                            "schedule", "text_encoder")
+                                                                            "schedule", "text_encoder", "padding")
                                                if k in ckpt["config"]})  # text_encoder: absent before issue 3
     sampler_cfg = config_from_dict(SamplerConfig, ckpt["config"]["sampler"])
     tokenizer = BPETokenizer.from_state_dict(ckpt["tokenizer"])
-    model = build_model(model_cfg, tokenizer.vocab_size)
+    with torch.device("meta"):  # no memory and no initialisation: the checkpoint's tensors become the weights
+        model = build_model(model_cfg, tokenizer.vocab_size)
     weights = ckpt["ema"]["weights"] if use_ema and ckpt.get("ema") else ckpt["model"]
-    load_weights(model, weights, "diffusion checkpoint weights")
+    load_weights(model, weights, "diffusion checkpoint weights", assign=True)
+    model.float()  # a checkpoint written in float16 (python -m models.convert --dtype float16) samples in float32
     schedule = NoiseSchedule(model_cfg.schedule).to(device)
     vae, scale_factor = None, 1.0
     if ckpt["config"].get("space", "pixel") == "latent":

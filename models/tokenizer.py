@@ -407,6 +407,21 @@ class BPETokenizer:
         return cls(vocab, merges, pattern=CLIP_SPLIT_PATTERN, lowercase=True, end_of_word="</w>", pad_id=0,
                    clean="clip")
 
+    @classmethod
+    def from_clip_files(cls, vocab, merges, pad_token=END_TOKEN):
+        """CLIP's tokenizer from Hugging Face's files: vocab {token: id} (vocab.json) and merges [(left, right)]
+        in rank order (merges.txt). Hugging Face pads with pad_token, <|endoftext|> in Stable Diffusion's
+        tokenizer/ (OpenAI's tokenize pads with id 0): padding is read by SD's text encoder, so the id matters."""
+        tokens = sorted(vocab, key=vocab.get)
+        if [vocab[t] for t in tokens] != list(range(len(tokens))):
+            raise ValueError("the vocabulary's ids are not 0 .. N-1, each once; it is not a CLIP tokenizer's vocab.json")
+        missing = [t for t in (START_TOKEN, END_TOKEN, pad_token) if t not in vocab]
+        if missing or not any(t.endswith("</w>") for t in tokens[:512]):
+            raise ValueError(f"the vocabulary is not CLIP's (no {missing or 'word-end </w>'} tokens); Stable Diffusion "
+                             f"v1's tokenizer/ holds CLIP's vocab.json and merges.txt")
+        return cls(tokens, merges, pattern=CLIP_SPLIT_PATTERN, lowercase=True, end_of_word="</w>",
+                   pad_id=vocab[pad_token], clean="clip")
+
     def __repr__(self):
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"lowercase={self.lowercase}, end_of_word={self.end_of_word!r}, clean={self.clean!r})")

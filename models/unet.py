@@ -46,7 +46,9 @@ Notation (code <- paper):
                   block an identity-scaled norm at initialisation)
     context       c (text token vectors) -> tau_theta(y) in LDM Eq. 3: K = W_K tau(y), V = W_V tau(y)
     null_context  the learned "empty prompt" token used for classifier-free guidance (Ho & Salimans: the
-                  unconditional model is the same network with the condition replaced by a null token)
+                  unconditional model is the same network with the condition replaced by a null token); with
+                  null_length = L a whole sequence of L tokens (Stable Diffusion v1's null condition is CLIP's
+                  output for the empty prompt, 77 x 768: models/stable_diffusion.py fills it in)
 """
 import math
 from contextlib import contextmanager
@@ -79,6 +81,8 @@ class UNetConfig:
     use_scale_shift_norm: bool = True  # True: norm(h)*(1+scale)+shift (iDDPM, Imagen); False: norm(h+emb) (DDPM, SD v1)
     self_attention_max_resolution: int = 0  # >0: no self-attention above this size, cross-attention kept (Imagen SR)
     low_res_channels: int = 0  # >0: super-resolution; a low-res image is upsampled bilinearly and concatenated to x
+    null_length: int = 0  # 0: the null condition is one learned token repeated at every position; L > 0: a sequence
+    #                       of L token vectors, and prompts must be L tokens long (SD v1: 77, CLIP's empty prompt)
     patch_size: int = 1  # >1: the first layer folds p x p pixels into channels (pixel_unshuffle) and the last
     #                      unfolds them (pixel_shuffle): no feature map at full resolution (simple diffusion,
     #                      Hoogeboom et al. 2023, "avoiding high resolution feature maps"; DiT's patchify)
@@ -117,6 +121,8 @@ def validate_config(cfg: UNetConfig):
         raise ValueError(f"num_res_blocks={cfg.num_res_blocks}; need at least 1")
     if cfg.transformer_depth < 1:
         raise ValueError(f"transformer_depth={cfg.transformer_depth}; need >= 1 (attention_resolutions=() for none)")
+    if cfg.null_length < 0:
+        raise ValueError(f"null_length={cfg.null_length}; need 0 (one null token) or the prompt length L")
     if cfg.context_dim < 1:
         raise ValueError(f"context_dim={cfg.context_dim}; need the width of the text token vectors (> 0)")
     if not 0.0 <= cfg.dropout < 1.0:
@@ -258,8 +264,9 @@ class UNet(nn.Module):
         # Time embedding: sinusoid(t) -> Linear -> SiLU -> Linear (DDPM App. B)
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Classifier-free guidance: a learned null token replaces the whole prompt for dropped samples
-        # (random start of norm ~1, then learned like any weight)
-        self.null_context = nn.Parameter(torch.randn(cfg.context_dim) / math.sqrt(cfg.context_dim))
+        # (random start of norm ~1, then learned like any weight), or a sequence of null_length tokens
+        null_shape = (cfg.null_length, cfg.context_dim) if cfg.null_length else (cfg.context_dim,)
+        self.null_context = nn.Parameter(torch.randn(null_shape) / math.sqrt(cfg.context_dim))
         if cfg.pooled_dim > 0:
             # Imagen Sec. 2.5: the pooled text embedding is added to the timestep embedding
             self.pooled_proj = nn.Linear(cfg.pooled_dim, emb_dim)
@@ -361,12 +368,15 @@ class UNet(nn.Module):
 
         # --- condition: text tokens, with the null token for dropped samples (Ho & Salimans 2022)
         if context is None:
-            context = self.null_context.to(x.dtype).expand(B, 1, cfg.context_dim)  # (B, 1, D)
+            context = self.null_context.to(x.dtype).expand(B, cfg.null_length or 1, cfg.context_dim)  # (B, L, D)
             context_mask = None
         else:
             if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
                 raise ValueError(f"tokens must be (B, L, {cfg.context_dim}) with B={B}, got {tuple(context.shape)}")
             L = context.shape[1]
+            if cfg.null_length and L != cfg.null_length:
+                raise ValueError(f"this U-Net's null condition is {cfg.null_length} tokens long (null_length); pad "
+                                 f"the prompts to {cfg.null_length} tokens, got {L}")
             if context_mask is not None and (context_mask.shape != (B, L) or context_mask.dtype != torch.bool):
                 raise ValueError(f"mask must be bool ({B}, {L}), got {context_mask.dtype} {tuple(context_mask.shape)}")
             if drop is not None:
@@ -376,7 +386,7 @@ class UNet(nn.Module):
                     context_mask = context_mask | drop[:, None]  # (B, L): the null token at every position
 
         # --- time embedding (+ pooled text, + noise-augmentation level)
-        emb = self.time_embed(timestep_embedding(t, cfg.channels))  # (B, 4*ch)
+        emb = self.time_embed(timestep_embedding(t, cfg.channels).to(x.dtype))  # (B, 4*ch), in the weights' dtype
         if cfg.pooled_dim > 0:
             if pooled is None:
                 raise ValueError(f"this U-Net has pooled_dim={cfg.pooled_dim}: pass pooled (B, {cfg.pooled_dim})")
@@ -406,7 +416,7 @@ class UNet(nn.Module):
                 aug_level = aug_level.expand(B)  # (B,)
             if aug_level.shape != (B,):
                 raise ValueError(f"aug_level must be a scalar or ({B},), got {tuple(aug_level.shape)}")
-            emb = emb + self.aug_embed(timestep_embedding(aug_level, cfg.channels))  # (B, 4*ch)
+            emb = emb + self.aug_embed(timestep_embedding(aug_level, cfg.channels).to(x.dtype))  # (B, 4*ch)
         elif low_res is not None or aug_level is not None:
             raise ValueError("low_res/aug_level given but cfg.low_res_channels=0; set low_res_channels")
 

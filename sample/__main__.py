@@ -4,6 +4,8 @@
         --sampler ddim --steps 50 --guidance 3 --seed 0 --out grid.png
     python -m sample --pipeline ldm --config configs/shapes/pipeline_ldm.yaml --preset quality \
         --prompt "a red circle" --out grid.png
+    python -m sample --pipeline ldm --weights stable-diffusion-v1-5 --prompt "an astronaut riding a horse" \
+        --n 1 --steps 25 --out sd.png          # Stable Diffusion v1's published weights (models/stable_diffusion.py)
 
 A pipeline (models/pipeline.py) joins separately trained checkpoints. --ckpt names one checkpoint, whose kind
 decides the family; --pipeline NAME --config FILE names a pipeline config listing a family's checkpoints and a
