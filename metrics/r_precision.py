@@ -50,6 +50,14 @@ def mismatch_key(caption, mismatch):
     return (tuple((o["colour"], o["shape"]) for o in claims["objects"]), claims["relation"])
 
 
+def most_candidates(captions, mismatch="objects"):
+    """The most candidates a set of captions allows: 1 + the fewest mismatched distinct captions any caption has
+    (a small evaluation set, such as the demo's --smoke one, has fewer than 99)."""
+    keys = [repr(mismatch_key(c, mismatch)) for c in sorted(set(captions))]
+    counts = {k: keys.count(k) for k in set(keys)}
+    return 1 + len(keys) - max(counts.values())
+
+
 def r_precision(image_embeds, text_embeds, caption_index, keys, candidates=100, seed=0):
     """Top-1 R-precision of N images among `candidates` captions each.
 

@@ -84,3 +84,9 @@ def test_command_on_an_exported_folder_and_bad_input(tiny_clip, tmp_path, capsys
     assert "mismatched captions per image" in cli_error(
         rp.main, ["--clip", str(clip_path), "--images", str(folder), "--candidates", "1000"], capsys)
     assert "at least 2" in cli_error(rp.main, ["--images", str(folder), "--candidates", "1"], capsys)
+
+
+def test_most_candidates_is_one_more_than_the_smallest_pool():
+    captions = ["a red circle", "a photo of a red circle", "a red circle", "a blue square", "a green star"]
+    assert rp.most_candidates(captions) == 3  # the red circles have 2 mismatches (blue square, green star)
+    assert rp.most_candidates(captions, "text") == 4
