@@ -91,6 +91,22 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
         timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
 
 
+def trained_parts(family="ldm", quick=False, runs="runs"):
+    """The notebooks' way to the trained models (notebooks/*.ipynb): {stage name: checkpoint path} of the judges and
+    of `family`'s stages. The demo's `runs` when it has trained them all; else trained by the demo's own stages:
+    with quick (NOTEBOOKS_QUICK=1, as CI runs them) at the --smoke size, in seconds, into $NOTEBOOKS_RUNS (default
+    runs/notebooks_quick), without it at the demo's size into `runs` (minutes; finished stages are skipped)."""
+    module = family_module(family)
+    full = [*judges(Path(runs), False), *module.stages(Path(runs), False)]
+    if not quick or all(stage.done() for stage in full):
+        folder, smoke = Path(runs), False
+    else:
+        folder, smoke = Path(os.environ.get("NOTEBOOKS_RUNS", Path(runs) / "notebooks_quick")), True
+    judge_stages, family_stages = judges(folder, smoke), module.stages(folder, smoke)
+    train_stages(family_stages, judge_stages, folder / "demo" / family / "logs", Timer(), sequential=True)
+    return {stage.name: stage.ckpt for stage in (*judge_stages, *family_stages)}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     family = family_module(args.family)
