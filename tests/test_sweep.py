@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from sample import sweep
+from sample import sweep, sweep_report
 from tests.test_train_diffusion import cli_error
 
 
@@ -30,10 +30,10 @@ def test_a_pareto_curve_keeps_the_other_training_keys_at_their_base_values():
     rows = [{"text.width": w, "unet.channels": c, "text_encoder": e, "sampler.guidance_scale": g}
             for w, c, e in ((64, 32, "joint"), (32, 32, "joint"), (64, 48, "joint"), (64, 32, "lstm"))
             for g in ("1", "3")]
-    per_encoder = sweep.pareto_rows(rows, ["text_encoder", "text.width"], keys, linked, base)
+    per_encoder = sweep_report.pareto_rows(rows, ["text_encoder", "text.width"], keys, linked, base)
     assert {(r["text.width"], r["unet.channels"], r["text_encoder"]) for r in per_encoder} == {
         (64, 32, "joint"), (32, 32, "joint"), (64, 32, "lstm")} and len(per_encoder) == 6
-    per_unet = sweep.pareto_rows(rows, ["unet.channels"], keys, linked, base)
+    per_unet = sweep_report.pareto_rows(rows, ["unet.channels"], keys, linked, base)
     assert {(r["text.width"], r["unet.channels"], r["text_encoder"]) for r in per_unet} == {
         (64, 32, "joint"), (64, 48, "joint")}
 
