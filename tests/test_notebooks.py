@@ -38,7 +38,6 @@ def test_notebook_runs_in_quick_mode(path, quick_runs, monkeypatch):
                for o in c.get("outputs", [])), f"{path.name} is committed without its figures; run it and save"
     monkeypatch.setenv("NOTEBOOKS_QUICK", "1")
     monkeypatch.setenv("NOTEBOOKS_RUNS", str(quick_runs))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     try:
