@@ -18,6 +18,7 @@ metrics.json has the same keys for every family: prompt_accuracy.{heldin,heldout
 clip_score, r_precision (and r_precision_real, of the renders), stage_seconds, total_seconds, seconds_per_image
 (and what the family adds: the ldm family's VAE).
 `--smoke` shrinks every stage to a few steps: a check that the whole chain runs (tests/test_demo.py), not a result.
+The notebooks get the same trained parts from `trained_parts` (the demo's runs/, or trained by the same stages).
 
 On a machine with two or more cores the classifier trains in a child process on one thread (its output in
 runs/demo/<family>/logs/classifier.log) beside the family's first stage: the small models of the tiny presets
