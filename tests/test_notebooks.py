@@ -30,12 +30,10 @@ def test_notebook_runs_in_quick_mode(path, quick_runs, monkeypatch):
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    assert nb.cells[0].cell_type == "markdown" and "Reading companion to" in nb.cells[0].source, \
-        f"{path.name} must open with what it shows and which paper section it follows"
+    assert nb.cells[0].cell_type == "markdown" and "arXiv" in nb.cells[0].source, \
+        f"{path.name} must open with what it shows and which paper (arXiv id) and section it follows"
     first_code = next(c for c in nb.cells if c.cell_type == "code")
     assert "NOTEBOOKS_QUICK" in first_code.source, f"{path.name}: its first code cell must read NOTEBOOKS_QUICK"
-    assert any(o.get("output_type") in ("display_data", "execute_result") for c in nb.cells if c.cell_type == "code"
-               for o in c.get("outputs", [])), f"{path.name} is committed without its figures; run it and save"
     monkeypatch.setenv("NOTEBOOKS_QUICK", "1")
     monkeypatch.setenv("NOTEBOOKS_RUNS", str(quick_runs))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
