@@ -4,6 +4,8 @@ Stable Diffusion, DALL-E and Imagen share this pattern (see README.md). The text
 `text_encoder` (ModelConfig):
     joint        the small transformer of models/text_encoder.py, trained jointly with the U-Net, as latent
                  diffusion's text model was (Rombach et al. 2022, arXiv 2112.10752, Sec. 3.3)
+    lstm         the bidirectional LSTM of models/rnn_text_encoder.py (AttnGAN's text encoder, Xu et al. 2018,
+                 arXiv 1711.10485), trained jointly the same way
     clip:<ckpt>  the text tower of a CLIP trained by train/clip.py, frozen (Stable Diffusion conditions on CLIP's
                  per-token outputs after the final LayerNorm; Rombach et al. Sec. 4.3.2 / SD v1)
     lm:<ckpt>    the encoder of the masked language model of train/text_lm.py, frozen (Imagen's frozen T5,
@@ -36,9 +38,13 @@ from models.clip import CLIP, CLIPConfig
 from models.conditioning import Conditioning, guided_prediction
 from models.samplers import SamplerConfig, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
+from models.rnn_text_encoder import LSTMTextEncoder
 from models.text_encoder import TextEncoder, TextEncoderConfig
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNet, UNetConfig
+
+
+JOINT = ("joint", "lstm")  # the text encoders trained with the U-Net; the others are frozen checkpoints
 
 
 @dataclass
@@ -48,7 +54,7 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # text.width = unet.context_dim
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    text_encoder: str = "joint"  # joint | clip:<ckpt> | lm:<ckpt> (frozen; see the module docstring)
+    text_encoder: str = "joint"  # joint | lstm (trained with the U-Net) | clip:<ckpt> | lm:<ckpt> (frozen; see above)
     padding: str = "masked"  # masked: padding is hidden from the text encoder and from cross-attention (ours) |
     #                          attended: all max_length positions are read, padding included (Stable Diffusion v1:
     #                          CLIP pads with <|endoftext|> to 77 tokens, and the U-Net attends to all 77)
@@ -108,7 +114,7 @@ class TextConditionedUNet(nn.Module):
         if padding not in ("masked", "attended"):
             raise ValueError(f"unknown padding {padding!r}; use masked or attended")
         self.padding = padding
-        width = "text.width" if text_encoder == "joint" else f"the width of the frozen encoder {text_encoder}"
+        width = "text.width" if text_encoder in JOINT else f"the width of the frozen encoder {text_encoder}"
         if unet_cfg.context_dim != text_cfg.width:
             raise ValueError(f"unet.context_dim ({unet_cfg.context_dim}) must equal {width} ({text_cfg.width}); "
                              f"set unet.context_dim={text_cfg.width}")
@@ -117,6 +123,8 @@ class TextConditionedUNet(nn.Module):
                              f"({text_cfg.width})")
         if text_encoder == "joint":
             self.text_encoder = TextEncoder(text_cfg)
+        elif text_encoder == "lstm":
+            self.text_encoder = LSTMTextEncoder(text_cfg)
         else:
             self.text_encoder = FrozenTextEncoder(text_encoder.partition(":")[0], text_cfg)
         self.unet = UNet(unet_cfg)
@@ -146,7 +154,7 @@ def load_frozen_text_encoder(spec):
 
     kind, _, path = spec.partition(":")
     if kind not in ("clip", "lm") or not path:
-        raise ValueError(f"text_encoder must be joint, clip:<ckpt> or lm:<ckpt>, got {spec!r}")
+        raise ValueError(f"text_encoder must be joint, lstm, clip:<ckpt> or lm:<ckpt>, got {spec!r}")
     ckpt = load_checkpoint(path, {"clip": "clip", "lm": "text_lm"}[kind])
     if kind == "clip":  # CLIP's text tower: every weight but the image tower, the projection and the scale
         text = ckpt["config"]["model"]["text"]
@@ -161,8 +169,8 @@ def load_frozen_text_encoder(spec):
 
 def use_frozen_text_encoder(cfg):
     """For a training config with `text_encoder` clip:<ckpt> or lm:<ckpt>: load the encoder and take its sizes
-    into cfg.text and cfg.tokenizer (so they are printed, stored and checked on resume). None for joint."""
-    if cfg.text_encoder == "joint":
+    into cfg.text and cfg.tokenizer (so they are printed, stored and checked on resume). None for joint and lstm."""
+    if cfg.text_encoder in JOINT:
         return None
     frozen = load_frozen_text_encoder(cfg.text_encoder)
     cfg.text = frozen["text"]
@@ -179,9 +187,9 @@ def use_frozen_text_encoder(cfg):
 
 
 def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextConditionedUNet:
-    """frozen: the dict of load_frozen_text_encoder, whose weights go into the frozen encoder (None: joint, or
-    the weights come later from a diffusion checkpoint)."""
-    if model_cfg.text_encoder != "joint":
+    """frozen: the dict of load_frozen_text_encoder, whose weights go into the frozen encoder (None: joint or lstm,
+    or the weights come later from a diffusion checkpoint)."""
+    if model_cfg.text_encoder not in JOINT:
         model = TextConditionedUNet(model_cfg.text, model_cfg.unet, model_cfg.text_encoder, model_cfg.padding)
         if frozen is not None:
             load_weights(model.text_encoder.encoder, frozen["weights"], f"{frozen['kind']} text encoder weights")
@@ -191,7 +199,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
         raise ValueError(f"text.vocab_size ({text_cfg.vocab_size}) differs from the tokenizer's ({vocab_size}); "
                          f"leave text.vocab_size at 0 to take the tokenizer's")
     text_cfg = TextEncoderConfig(**{**text_cfg.__dict__, "vocab_size": vocab_size})
-    return TextConditionedUNet(text_cfg, model_cfg.unet, padding=model_cfg.padding)
+    return TextConditionedUNet(text_cfg, model_cfg.unet, model_cfg.text_encoder, model_cfg.padding)
 
 
 def vae_fingerprint(vae, scale_factor):

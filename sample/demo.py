@@ -10,12 +10,15 @@ Every family goes through the same steps and writes the same figures, so the fam
                 skipped, a stopped one continues, one of another config is refused (sample/stages.py)
     samples     python -m sample <the family's pipeline> --prompts-file configs/shapes/demo_prompts.txt
                                                                                 -> runs/demo/<family>/samples.png
-    metrics     prompt accuracy (metrics.prompt_accuracy) on held-in and held-out prompts; FID and KID on the
-                classifier's features and the CLIP score (metrics.fid, metrics.clip_score) of images generated for
-                the captions of fresh renders, against those renders             -> runs/demo/<family>/metrics.json
+    metrics     sample/judging.py: prompt accuracy (metrics.prompt_accuracy) on held-in and held-out prompts; FID
+                and KID on the classifier's features, the CLIP score and R-precision with the judge CLIP
+                (metrics.fid, metrics.clip_score, metrics.r_precision) of images generated for the captions of
+                fresh renders, against those renders                             -> runs/demo/<family>/metrics.json
 metrics.json has the same keys for every family: prompt_accuracy.{heldin,heldout}.{colour,shape,...}, fid,
-clip_score, stage_seconds, total_seconds, seconds_per_image (and what the family adds: the ldm family's VAE).
+clip_score, r_precision (and r_precision_real, of the renders), stage_seconds, total_seconds, seconds_per_image
+(and what the family adds: the ldm family's VAE).
 `--smoke` shrinks every stage to a few steps: a check that the whole chain runs (tests/test_demo.py), not a result.
+The notebooks get the same trained parts from `trained_parts` (the demo's runs/, or trained by the same stages).
 
 On a machine with two or more cores the classifier trains in a child process on one thread (its output in
 runs/demo/<family>/logs/classifier.log) beside the family's first stage: the small models of the tiny presets
@@ -25,19 +28,15 @@ use a second thread poorly (the VAE, batch 8: 168 s on one thread, 142 s on two;
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-import data.shapes
-import metrics.clip_score
-import metrics.fid
-import metrics.prompt_accuracy
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
 from sample import demo_ldm
+from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
 FAMILIES = ("ldm",)  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
@@ -93,6 +92,22 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
         timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
 
 
+def trained_parts(family="ldm", quick=False, runs="runs"):
+    """The notebooks' way to the trained models (notebooks/*.ipynb): {stage name: checkpoint path} of the judges and
+    of `family`'s stages. The demo's `runs` when it has trained them all; else trained by the demo's own stages:
+    with quick (NOTEBOOKS_QUICK=1, as CI runs them) at the --smoke size, in seconds, into $NOTEBOOKS_RUNS (default
+    runs/notebooks_quick), without it at the demo's size into `runs` (minutes; finished stages are skipped)."""
+    module = family_module(family)
+    full = [*judges(Path(runs), False), *module.stages(Path(runs), False)]
+    if not quick or all(stage.done() for stage in full):
+        folder, smoke = Path(runs), False
+    else:
+        folder, smoke = Path(os.environ.get("NOTEBOOKS_RUNS", Path(runs) / "notebooks_quick")), True
+    judge_stages, family_stages = judges(folder, smoke), module.stages(folder, smoke)
+    train_stages(family_stages, judge_stages, folder / "demo" / family / "logs", Timer(), sequential=True)
+    return {stage.name: stage.ckpt for stage in (*judge_stages, *family_stages)}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     family = family_module(args.family)
@@ -118,46 +133,12 @@ def main(argv=None):
         sampled + ["--prompts-file", str(CONFIGS / "demo_prompts.txt"), "--n", str(args.n),
                    "--out", str(demo / "samples.png")]))
 
-    # ---- metrics
+    # ---- metrics (sample/judging.py: the same figures for every family and every sweep point)
     report = {"family": args.family}
-    timer.run("prompt accuracy", lambda: metrics.prompt_accuracy.main(
-        model + ["--classifier", str(classifier), "--n", str(args.accuracy_n),
-                 "--out", str(demo / "prompt_accuracy.json")]))
-    report["prompt_accuracy"] = json.loads((demo / "prompt_accuracy.json").read_text())
-
-    real, generated = demo / "real", demo / "generated"
-
-    def generate_for_captions():
-        if real.exists():  # the renders are a function of (seed, count): made again rather than trusted
-            shutil.rmtree(real)
-        data.shapes.main(["--export", str(real), "--num-images", str(args.fid_images), "--seed", "7"])
-        captions = [json.loads(line)["text"] for line in (real / "metadata.jsonl").read_text().splitlines()]
-        (demo / "real_captions.txt").write_text("\n".join(captions) + "\n")
-        t0 = time.time()
-        sample_cli.main(sampled + ["--prompts-file", str(demo / "real_captions.txt"), "--n", "1",
-                                   "--batch-size", "250", "--out", str(demo / "generated.png")])
-        return (time.time() - t0) / len(captions)
-
-    seconds_per_image = timer.run("images for FID and CLIP score", generate_for_captions)
-
-    def judge():
-        fid = metrics.fid.main([str(generated), str(real), "--features", str(classifier), "--kid",
-                                "--kid-subset-size", str(min(1000, args.fid_images // 2))])
-        scores = {}
-        for name, folder in (("generated", generated), ("real", real)):
-            out = demo / f"clip_score_{name}.json"
-            out.unlink(missing_ok=True)
-            metrics.clip_score.main(["--clip", str(judge_clip), "--images", str(folder), "--out", str(out)])
-            scores[name] = json.loads(out.read_text())
-        return fid, scores
-
-    fid, scores = timer.run("FID, KID and CLIP score", judge)
-    report["fid"] = fid
-    report["clip_score"] = scores
+    report.update(judge(model, demo, classifier, judge_clip, args.fid_images, args.accuracy_n, timer))
     report["stage_seconds"] = timer.seconds
     report["stages_beside"] = sorted(timer.beside)
     report["total_seconds"] = round(time.time() - t_start, 1)
-    report["seconds_per_image"] = round(seconds_per_image, 4)
     report["smoke"] = args.smoke
 
     # ---- the summary
@@ -166,18 +147,12 @@ def main(argv=None):
     for name, seconds in timer.seconds.items():
         print(f"  {name:32s} {seconds:6.0f} s" + ("  (beside the next stage, one thread)" if name in timer.beside else ""))
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
-    for split in ("heldin", "heldout"):
-        acc = report["prompt_accuracy"][split]
-        print(f"  prompt accuracy {split:8s} colour {acc['colour']:.3f} | shape {acc['shape']:.3f}")
-    print(f"  CLIP score (torchmetrics, CLIP-S)  generated {scores['generated']['torchmetrics_clip_score']:.2f}, "
-          f"{scores['generated']['clip_s']:.4f} | real renders {scores['real']['torchmetrics_clip_score']:.2f}, "
-          f"{scores['real']['clip_s']:.4f}")
-    print(f"  FID {fid['fid']:.3f}, KID {fid['kid'][0]:.4f} (shapes-classifier features; not comparable with "
-          f"published FIDs)")
+    for line in summary_lines(report):
+        print("  " + line)
     report.update(family.report(runs, classifier, min(1000, args.fid_images)))
     (demo / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"  pictures: {demo / 'samples.png'} (one row per prompt), "
-          f"{demo / 'prompt_accuracy_heldin.png'}, {demo / 'prompt_accuracy_heldout.png'}, {generated}/")
+          f"{demo / 'prompt_accuracy_heldin.png'}, {demo / 'prompt_accuracy_heldout.png'}, {demo / 'generated'}/")
     print(f"  figures:  {demo / 'metrics.json'}")
 
 

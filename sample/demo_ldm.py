@@ -23,7 +23,8 @@ from sample.stages import CONFIGS, Stage
 SMOKE = {
     "VAE": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.eval_images=32",
             "train.scale_images=64"],
-    "latent U-Net": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.sample_every=0"],
+    "latent U-Net": ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.sample_every=0",
+                     "train.sample_steps=2"],
 }
 
 

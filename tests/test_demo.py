@@ -34,6 +34,9 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
     assert report["fid"]["n_a"] == report["fid"]["n_b"] == 24
     assert "NOT comparable with published FIDs" in report["fid"]["features"]
     assert report["clip_score"]["generated"]["images"] == report["clip_score"]["real"]["images"] == 24
+    # R-precision by the judge CLIP, among as many captions as 24 renders allow (fewer than 100)
+    assert 2 <= report["r_precision_candidates"] < 24 and 0 <= report["r_precision"] <= 1
+    assert 0 <= report["r_precision_real"] <= 1 and "R-precision (judge CLIP, top-1 of" in out
     vae_ckpt = load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert report["vae"]["scale_factor"] == vae_ckpt["scale_factor"] and report["vae"]["psnr_db"] == vae_ckpt["psnr"]
     assert report["family"] == "ldm" and report["seconds_per_image"] > 0

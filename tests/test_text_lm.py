@@ -132,7 +132,7 @@ def test_diffusion_conditioned_on_frozen_lm_and_bad_text_encoder_values(lm_ckpt,
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={out}", "train.resume=auto"], capsys)  # joint now
     assert "cannot resume" in err and "was made with another config" in err
     run = TINY + [f"train.out_dir={tmp_path / 'x'}"]
-    assert "text_encoder must be joint, clip:<ckpt> or lm:<ckpt>" in cli_error(
+    assert "text_encoder must be joint, lstm, clip:<ckpt> or lm:<ckpt>" in cli_error(
         diffusion.main, run + ["text_encoder=t5:foo"], capsys)
     assert "checkpoint not found" in cli_error(diffusion.main, run + [f"text_encoder=lm:{tmp_path}/no.pt"], capsys)
     assert "holds a 'text_lm' checkpoint but a 'clip' checkpoint" in cli_error(

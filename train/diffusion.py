@@ -81,7 +81,8 @@ class DiffusionConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    text_encoder: str = "joint"  # joint: trained here | clip:<ckpt> | lm:<ckpt>: frozen (models/text2image.py)
+    text_encoder: str = "joint"  # joint (transformer) | lstm (bi-LSTM): trained here | clip:<ckpt> | lm:<ckpt>: frozen
+                                 # (models/text2image.py)
     space: str = "pixel"         # pixel | latent (denoise the latents of the frozen VAE `vae`)
     vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
     # the pipeline's default settings (python -m sample, the metrics): DDIM 50 steps, guidance 3; in pixel space
@@ -160,7 +161,7 @@ def main(argv=None):
         vae, scale_factor, vae_cfg = load_vae(cfg.vae, "cpu")
         check_latent_config(cfg, vae_cfg)
         fingerprint = vae_fingerprint(vae, scale_factor)
-    frozen = use_frozen_text_encoder(cfg)  # None for joint; else the encoder, its tokenizer, its sizes in cfg.text
+    frozen = use_frozen_text_encoder(cfg)  # None for joint and lstm; else the encoder, its tokenizer, its sizes in cfg.text
     tc = cfg.train
     fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space")  # train, sampler may change
     out_dir, resumed = open_run(cfg, config_path, "diffusion", fixed, "diffusion")
