@@ -32,7 +32,6 @@ are trained first the same way.
 """
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
@@ -41,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.config import config_changes, config_to_dict, load_config
+from core.config import config_changes, config_to_dict, load_config, stored_config_changes
 from core.runtime import run_cli
 from sample.demo import FAMILIES, family_module
 from sample.judging import judge, summary_lines
@@ -133,7 +132,6 @@ def plan(args, stage):
     """The sweep's identity and its runs: {name: {overrides, values, samples: {name: {flags, values}}}}."""
     base = resolved(stage, args.set)
     identity = {"family": args.family, "stage": stage.name, "config": str(stage.config), "set": args.set,
-                "base_config_sha256": hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest(),
                 "runs": args.runs, "fid_images": args.fid_images, "accuracy_n": args.accuracy_n,
                 "steps": args.steps, "guidance": args.guidance, "smoke": args.smoke}
     runs, keys, linked = {}, [], {}
@@ -283,10 +281,11 @@ def main(argv=None):
     check_plots(args, keys)
     if saved.exists():
         state = json.loads(saved.read_text())
-        if state["identity"] != identity:
-            changes = [c for c in config_changes(state["identity"], identity) if not c.startswith("base_config")]
-            changes = [c.split(": ")[0] + ": " + c.split(": ", 1)[1] for c in changes] or [
-                f"the config file {stage.config} or a shared stage's config changed"]
+        # the base config is read through its dataclass, so a key added to the code since is its default, not a change
+        changes = config_changes(state["identity"], identity)
+        base_changes = stored_config_changes(stage.config_cls, state["base"], base)
+        if changes or base_changes:
+            changes = changes + [base_changes] * bool(base_changes)
             raise ValueError(f"{out} holds a sweep made with another config ({'; '.join(changes[:3])}); give another "
                              f"--out or the same base config and settings")
         for name, run in state["plan"].items():  # the points of earlier calls stay in the table

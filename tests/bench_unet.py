@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from models.conditioning import Conditioning
 from models.unet import UNet, UNetConfig
 from tests.reference_imports import make_torchvision_importable
 
@@ -64,12 +65,13 @@ t = torch.randint(0, 1000, (B,))
 context = torch.randn(B, L, cfg.context_dim)
 target = torch.randn_like(x)
 with torch.no_grad():
-    torch.testing.assert_close(ours(x, t, context), theirs(x, t, context).sample, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours(x, t, Conditioning(tokens=context)), theirs(x, t, context).sample, rtol=1e-4,
+                               atol=1e-5)
 print("outputs equal: the two models compute the same function")
 
 
 def forward_ours():
-    return ours(x, t, context)
+    return ours(x, t, Conditioning(tokens=context))
 
 
 def forward_theirs():
