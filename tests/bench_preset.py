@@ -1,9 +1,12 @@
 """What a training preset costs: parameters, FLOPs per training image (forward + backward, counted by
 torch.utils.flop_counter on the built model), the total for the preset's steps x batch, the pure-compute time on
-a GPU at a given throughput, and the measured time per step here.
+a GPU at a given throughput, and the measured time per step here; with --mfu the model FLOP utilisation here
+(achieved GFLOP/s of a training step at the preset's own batch against this machine's fp32 GEMM peak, measured in
+the same run), with --profile torch.profiler's top operators of one step.
 
     .venv/bin/python -m tests.bench_preset --config configs/shapes/diffusion_latent_gpu.yaml
     .venv/bin/python -m tests.bench_preset --config configs/shapes/vae_gpu.yaml --batch 4
+    .venv/bin/python -m tests.bench_preset --config configs/shapes/diffusion_latent.yaml --mfu --profile
 
 Diffusion configs (pixel or latent: the U-Net's input is built at its image_size and in_channels, with the text
 encoder) and VAE configs (reconstruction + KL; the discriminator is not counted). The GPU time is a lower bound:
@@ -47,33 +50,73 @@ def build(config_path):
     return model, loss, cfg.train.steps, cfg.train.batch_size
 
 
+def gemm_peak(n=1024, repeats=20):
+    """This machine's fp32 matrix-multiply throughput, GFLOP/s: the best of `repeats` (n x n) @ (n x n) products
+    (2 n^3 FLOPs each) on torch's current threads; the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def time_steps(model, loss, batch, repeats):
+    """Seconds of the fastest of `repeats` training steps (forward, backward, AdamW) at `batch`, after a warm-up."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        loss(batch).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a diffusion or VAE config file")
     p.add_argument("--batch", type=int, default=8, help="images per timed step here (scaled to the preset's batch)")
     p.add_argument("--tflops", type=float, nargs=2, default=[25, 50], help="GPU throughput range, TFLOP/s")
+    p.add_argument("--mfu", action="store_true",
+                   help="time steps at the preset's batch and print achieved GFLOP/s against the measured GEMM peak")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps for --mfu (the fastest counts)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top 10 operators of one step")
     args = p.parse_args(argv)
     model, loss, steps, batch = build(args.config)
     with FlopCounterMode(display=False) as counter:
         loss(2).backward()
     per_image = counter.get_total_flops() / 2
     total = per_image * steps * batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        optimizer.zero_grad()
-        loss(args.batch).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - t0)
-    per_step = min(times[1:]) * batch / args.batch
+    per_step = time_steps(model, loss, args.batch, 2) * batch / args.batch
     lo, hi = args.tflops
     print(f"{args.config}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, "
           f"{per_image / 1e9:.2f} GFLOP per image (forward + backward)")
-    print(f"  {steps} steps x {batch} images: {total / 1e15:.1f} PFLOP -> {total / hi / 1e12 / 60:.0f}-"
-          f"{total / lo / 1e12 / 60:.0f} min of pure compute at {lo:g}-{hi:g} TFLOP/s")
+    print(f"  {steps} steps x {batch} images: {total / 1e12:.1f} TFLOP -> {total / hi / 1e12 / 60:.2g}-"
+          f"{total / lo / 1e12 / 60:.2g} min of pure compute at {lo:g}-{hi:g} TFLOP/s")
     print(f"  here ({torch.get_num_threads()} threads, fp32): {per_step:.1f} s per step of {batch} "
           f"(timed at batch {args.batch}) -> {per_step * steps / 3600:.1f} h")
+    if args.mfu:
+        step = time_steps(model, loss, batch, args.repeats)
+        peak = gemm_peak()
+        achieved = per_image * batch / step / 1e9
+        print(f"  MFU here ({torch.get_num_threads()} threads, fp32, batch {batch}): {step * 1e3:.0f} ms per step, "
+              f"{achieved:.1f} GFLOP/s achieved against a {peak:.0f} GFLOP/s GEMM peak (1024^3 matmul, same run): "
+              f"{100 * achieved / peak:.1f}%")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss(batch).backward()
+        optimizer.step()  # warm-up (optimizer state allocated)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            optimizer.zero_grad()
+            loss(batch).backward()
+            optimizer.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 if __name__ == "__main__":
