@@ -1,6 +1,7 @@
 """The README's main job: train one family's tiny models on the built-in shapes, sample from them and judge them.
 
     python -m sample.demo [--family ldm] [--runs runs] [--fid-images 500]      # `make demo`
+    python -m sample.demo --family all        # every family in turn, then runs/demo/compare/comparison.{md,png}
 
 Every family goes through the same steps and writes the same figures, so the families can be compared:
     judges      the shapes attribute classifier (prompt accuracy, FID features) and a judge CLIP trained apart from
@@ -15,8 +16,9 @@ Every family goes through the same steps and writes the same figures, so the fam
                 (metrics.fid, metrics.clip_score, metrics.r_precision) of images generated for the captions of
                 fresh renders, against those renders                             -> runs/demo/<family>/metrics.json
 metrics.json has the same keys for every family: prompt_accuracy.{heldin,heldout}.{colour,shape,...}, fid,
-clip_score, r_precision (and r_precision_real, of the renders), stage_seconds, total_seconds, seconds_per_image
-(and what the family adds: the ldm family's VAE).
+clip_score, r_precision (and r_precision_real, of the renders), stage_seconds (wall), stage_cpu_seconds (CPU time of
+the stage's process: the cost that does not depend on what else the machine ran), total_seconds, seconds_per_image
+(and what the family adds: the ldm family's VAE). sample/compare.py puts the families' figures side by side.
 `--smoke` shrinks every stage to a few steps: a check that the whole chain runs (tests/test_demo.py), not a result.
 The notebooks get the same trained parts from `trained_parts` (the demo's runs/, or trained by the same stages).
 
@@ -36,6 +38,7 @@ import torch
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
 from sample import demo_ldm
+from sample.compare import compare
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
@@ -50,7 +53,9 @@ def family_module(name):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train one family's tiny models on shapes, sample and judge them.")
-    p.add_argument("--family", default="ldm", help=f"which family: {', '.join(FAMILIES)}")
+    p.add_argument("--family", default="ldm",
+                   help=f"which family: {', '.join(FAMILIES)}, or all (each in turn, then a comparison table and "
+                        f"picture in <runs>/demo/compare, sample/compare.py)")
     p.add_argument("--runs", default="runs", help="folder of every stage's output (runs/<stage>, runs/demo/<family>)")
     p.add_argument("--fid-images", type=int, default=500, help="generated and real images for FID and CLIP score")
     p.add_argument("--n", type=int, default=8, help="images per prompt in the samples grid")
@@ -108,13 +113,11 @@ def trained_parts(family="ldm", quick=False, runs="runs"):
     return {stage.name: stage.ckpt for stage in (*judge_stages, *family_stages)}
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    family = family_module(args.family)
-    if args.fid_images < 2 or args.n < 1 or args.accuracy_n < 1:
-        raise ValueError("--fid-images must be at least 2, --n and --accuracy-n at least 1")
+def run_family(args, name):
+    """One family's demo: its stages (and the judges), samples, metrics -> runs/demo/<name>/."""
+    family = family_module(name)
     runs = Path(args.runs)
-    demo = runs / "demo" / args.family
+    demo = runs / "demo" / name
     judge_stages = judges(runs, args.smoke)
     family_stages = family.stages(runs, args.smoke)
     for stage in (*judge_stages, *family_stages):
@@ -134,15 +137,16 @@ def main(argv=None):
                    "--out", str(demo / "samples.png")]))
 
     # ---- metrics (sample/judging.py: the same figures for every family and every sweep point)
-    report = {"family": args.family}
+    report = {"family": name}
     report.update(judge(model, demo, classifier, judge_clip, args.fid_images, args.accuracy_n, timer))
     report["stage_seconds"] = timer.seconds
+    report["stage_cpu_seconds"] = timer.cpu_seconds
     report["stages_beside"] = sorted(timer.beside)
     report["total_seconds"] = round(time.time() - t_start, 1)
     report["smoke"] = args.smoke
 
     # ---- the summary
-    print(f"\n==== {args.family} demo summary" + ("  (--smoke: a few steps per stage; the figures mean nothing)"
+    print(f"\n==== {name} demo summary" + ("  (--smoke: a few steps per stage; the figures mean nothing)"
                                                   if args.smoke else ""))
     for name, seconds in timer.seconds.items():
         print(f"  {name:32s} {seconds:6.0f} s" + ("  (beside the next stage, one thread)" if name in timer.beside else ""))
@@ -154,6 +158,19 @@ def main(argv=None):
     print(f"  pictures: {demo / 'samples.png'} (one row per prompt), "
           f"{demo / 'prompt_accuracy_heldin.png'}, {demo / 'prompt_accuracy_heldout.png'}, {demo / 'generated'}/")
     print(f"  figures:  {demo / 'metrics.json'}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.fid_images < 2 or args.n < 1 or args.accuracy_n < 1:
+        raise ValueError("--fid-images must be at least 2, --n and --accuracy-n at least 1")
+    names = FAMILIES if args.family == "all" else (args.family,)
+    for name in names:
+        family_module(name)  # an unknown family is refused before anything trains
+    for name in names:
+        run_family(args, name)
+    if args.family == "all":
+        compare(names, args.runs, Path(args.runs) / "demo" / "compare", family_module)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ every training script (train/common.py), so a stage that was stopped continues, 
 unless its checkpoint was made with another config, which is refused rather than used or trained over.
 """
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -75,24 +76,34 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     return ckpt.get("step") == wanted["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
 
 
+def children_cpu_seconds():
+    """User + system CPU seconds of this process's finished (waited-for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Timer:
-    """Wall time of each stage, printed as it ends and kept for metrics.json."""
+    """Wall time of each stage, printed as it ends and kept for metrics.json, and its CPU time (every thread of
+    this process, or of the child a Background stage ran in): the cost the families are compared by."""
 
     def __init__(self):
         self.seconds = {}
+        self.cpu_seconds = {}
         self.beside = set()  # stages that ran beside another one: not part of the sum
 
     def skipped(self, name):
         print(f"\n==== {name}: done before, skipped", flush=True)
         self.seconds[name] = 0.0
+        self.cpu_seconds[name] = 0.0
 
     def run(self, name, fn, skip=False):
         if skip:
             return self.skipped(name)
         print(f"\n==== {name}", flush=True)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         out = fn()
         self.seconds[name] = round(time.time() - t0, 1)
+        self.cpu_seconds[name] = round(time.process_time() - cpu0, 1)
         print(f"==== {name}: {self.seconds[name]:.0f} s", flush=True)
         return out
 
@@ -111,11 +122,12 @@ class Background:
     def start(self):
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.timer.seconds[self.name] = None  # keeps the report's stage order
+        self.timer.cpu_seconds[self.name] = None
         self.timer.beside.add(self.name)
         print(f"\n==== {self.name}: training beside the next stage, one thread, log {self.log}", flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
-        self.t0 = time.time()
+        self.t0, self.children_cpu0 = time.time(), children_cpu_seconds()
         with open(self.log, "w") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -127,6 +139,7 @@ class Background:
     def wait(self):
         code = self.process.wait()
         self.timer.seconds[self.name] = round(time.time() - self.t0, 1)
+        self.timer.cpu_seconds[self.name] = round(children_cpu_seconds() - self.children_cpu0, 1)
         if code != 0:
             last = (self.log.read_text().strip().splitlines() or [""])[-1]
             raise ValueError(f"the {self.name} stage failed (exit code {code}): {last} (its whole output is in "

@@ -14,7 +14,7 @@ from sample.stages import Background, Timer
 from tests.test_train_diffusion import cli_error
 
 
-def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
+def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, monkeypatch):
     argv = ["--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1", "--accuracy-n", "1",
             "--steps", "2"]
     demo.main(argv)
@@ -24,6 +24,8 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
     stages = ["classifier", "VAE", "judge CLIP", "latent U-Net", "samples", "prompt accuracy",
               "images for FID and CLIP score", "FID, KID and CLIP score"]
     assert list(report["stage_seconds"]) == stages and all(s > 0 for s in report["stage_seconds"].values())
+    # CPU seconds of every stage, the classifier's from its child process (it trained beside the VAE)
+    assert list(report["stage_cpu_seconds"]) == stages and report["stage_cpu_seconds"]["classifier"] > 0
     if os.cpu_count() >= 2:  # the classifier trained in a child process beside the VAE, its output in logs/
         assert report["stages_beside"] == ["classifier"]
         assert "accuracy on 32 fresh renders" not in out
@@ -41,12 +43,24 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys):
     assert report["vae"]["scale_factor"] == vae_ckpt["scale_factor"] and report["vae"]["psnr_db"] == vae_ckpt["psnr"]
     assert report["family"] == "ldm" and report["seconds_per_image"] > 0
     assert (folder / "samples.png").exists() and "ldm demo summary" in out
-    demo.main(argv)  # the trained stages are done: skipped, the sampling and metrics run again
+    # --family all (here over the one family): the trained stages are done, skipped; sampling and metrics run
+    # again; then the comparison table and picture (sample/compare.py)
+    monkeypatch.setattr(demo, "FAMILIES", ("ldm",))
+    demo.main(argv + ["--family", "all"])
     out = capsys.readouterr().out
     for stage in ("classifier", "judge CLIP", "VAE", "latent U-Net"):
         assert f"==== {stage}: done before, skipped" in out
     report = json.loads((folder / "metrics.json").read_text())
     assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0
+    table = (tmp_path / "demo" / "compare" / "comparison.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| ldm | VAE ")
+    acc = report["prompt_accuracy"]
+    assert f"| {acc['heldin']['colour']:.3f} / {acc['heldin']['shape']:.3f} |" in table[2]
+    assert f"| {report['r_precision']:.3f} |" in table[2]
+    vae_weights = sum(t.numel() for t in vae_ckpt["model"].values() if t.is_floating_point())
+    assert f"VAE {vae_weights / 1e6:.2f}M" in table[2]
+    assert (tmp_path / "demo" / "compare" / "comparison.png").stat().st_size > 0
+    assert "unknown family 'dall-e'" in cli_error(demo.main, argv + ["--family", "dall-e"], capsys)
     # a checkpoint of another config (an older preset) is neither used nor trained over
     (unet,) = [stage for stage in demo_ldm.stages(tmp_path, smoke=True) if stage.name == "latent U-Net"]
     assert unet.done()
