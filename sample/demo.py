@@ -38,6 +38,7 @@ import torch
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
 from sample import demo_ldm
+from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
@@ -64,6 +65,9 @@ def build_parser():
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--sequential", action="store_true",
                    help="train the classifier here, before the family's first stage, instead of beside it")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="train every stage of the family for this many minutes in all, split as its configs' steps "
+                        "are (sample/budget.py); default runs folder runs/budget_<M>min")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the chain, gives no result")
     return p
 
@@ -120,11 +124,15 @@ def run_family(args, name):
     demo = runs / "demo" / name
     judge_stages = judges(runs, args.smoke)
     family_stages = family.stages(runs, args.smoke)
+    timer = Timer()
+    t_start = time.time()
+    budget = None
+    if args.budget_minutes is not None:  # every stage's steps scaled so that the family trains this many minutes
+        budget = timer.run("budget plan", lambda: apply_budget(family_stages, args.budget_minutes,
+                                                               demo / "budget.json", args.smoke))
     for stage in (*judge_stages, *family_stages):
         stage.done()  # a checkpoint of another config is refused here, before anything trains
     classifier, judge_clip = (stage.ckpt for stage in judge_stages)
-    timer = Timer()
-    t_start = time.time()
 
     # ---- the trained parts
     train_stages(family_stages, judge_stages, demo / "logs", timer, args.sequential)
@@ -142,6 +150,8 @@ def run_family(args, name):
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu_seconds
     report["stages_beside"] = sorted(timer.beside)
+    if budget is not None:
+        report["budget"] = {"minutes": args.budget_minutes, "stages": budget}
     report["total_seconds"] = round(time.time() - t_start, 1)
     report["smoke"] = args.smoke
 
@@ -162,6 +172,8 @@ def run_family(args, name):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.budget_minutes is not None and args.runs == "runs":  # the default folder holds the configs' own steps
+        args.runs = f"runs/budget_{args.budget_minutes:g}min"
     if args.fid_images < 2 or args.n < 1 or args.accuracy_n < 1:
         raise ValueError("--fid-images must be at least 2, --n and --accuracy-n at least 1")
     names = FAMILIES if args.family == "all" else (args.family,)

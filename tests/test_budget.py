@@ -1,0 +1,70 @@
+"""The matched training budget of the family comparison (sample/budget.py): the plan keeps the configs' proportions
+and spends the budget, a budget too small for one step is refused naming the stage and the minimum, the timing runs
+hand an earlier stage's checkpoint to a later one, and the demo trains each stage for the planned steps."""
+import json
+from pathlib import Path
+
+import pytest
+
+from core.checkpoint import load_checkpoint
+from sample import budget, demo, demo_ldm
+from tests.test_train_diffusion import cli_error
+
+
+def test_the_plan_keeps_the_configs_proportions_and_spends_the_budget(tmp_path):
+    stages = demo_ldm.stages(tmp_path, smoke=False)  # VAE 3000 steps, latent U-Net 1700 (configs/shapes/*.yaml)
+    configured = {s.name: budget.configured_steps(s) for s in stages}
+    rates = {"VAE": 0.05, "latent U-Net": 0.25}
+    plan = budget.make_plan(stages, 5.0, rates)
+    spent = sum(plan[name]["steps"] * rates[name] for name in rates)
+    assert abs(spent - 300) < max(rates.values())  # 5 minutes, to within one step's rounding
+    ratios = [plan[name]["steps"] / configured[name][0] for name in rates]
+    assert abs(ratios[0] - ratios[1]) < 1 / min(c[0] for c in configured.values())  # one scale for every stage
+    for name in rates:  # the warm-up shrinks with the run
+        assert abs(plan[name]["warmup_steps"] - configured[name][1] * ratios[0]) <= 1
+    # the smallest budget that gives every stage one step: the message names the stage that runs short first
+    planned = sum(configured[n][0] * rates[n] for n in rates)
+    smallest = max(planned / configured[n][0] / 60 for n in rates)
+    with pytest.raises(ValueError, match=r"too small to train one step of the latent U-Net stage .* give at least "
+                                         + f"{smallest:.2f} minutes"):
+        budget.make_plan(stages, smallest * 0.9, rates)
+    assert min(p["steps"] for p in budget.make_plan(stages, smallest * 1.01, rates).values()) >= 1
+    with pytest.raises(ValueError, match="must be positive"):
+        budget.make_plan(stages, 0, rates)
+
+
+def test_timing_runs_hand_the_earlier_stages_checkpoint_on(tmp_path):
+    vae, unet = demo_ldm.stages(tmp_path, smoke=True)
+    rate, vae_ckpt = budget.seconds_per_step(vae, tmp_path / "timing", smoke=True)
+    assert rate > 0 and load_checkpoint(vae_ckpt, "vae")["step"] == 2
+    rate, unet_ckpt = budget.seconds_per_step(unet, tmp_path / "timing", smoke=True, earlier={str(vae.ckpt): vae_ckpt})
+    ckpt = load_checkpoint(unet_ckpt, "diffusion")
+    assert rate > 0 and ckpt["step"] == 2 and Path(ckpt["config"]["vae"]) == vae_ckpt
+    assert not vae.ckpt.exists() and not unet.ckpt.exists()  # nothing of the demo's own folder was written
+
+
+def test_the_demo_trains_each_stage_for_its_planned_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(budget, "seconds_per_step", lambda stage, folder, smoke, earlier: (0.01, None))
+    argv = ["--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1", "--accuracy-n", "1", "--steps", "2",
+            "--sequential"]
+    # smoke stages are 3 steps each: 2 x 3 x 0.01 s planned; 0.002 minutes = 0.12 s = twice that
+    demo.main(argv + ["--budget-minutes", "0.002"])
+    report = json.loads((tmp_path / "demo" / "ldm" / "metrics.json").read_text())
+    assert report["budget"]["minutes"] == 0.002
+    for stage in demo_ldm.stages(tmp_path, smoke=True):
+        assert report["budget"]["stages"][stage.name]["steps"] == 6
+        assert load_checkpoint(stage.ckpt, stage.kind)["step"] == 6
+    plan = (tmp_path / "demo" / "ldm" / "budget.json").read_text()
+    capsys.readouterr()
+    # another budget in the same folder is refused, nothing overwritten
+    err = cli_error(demo.main, argv + ["--budget-minutes", "0.004"], capsys)
+    assert "holds the plan of a 0.002-minute budget; pass --runs <another folder>" in err
+    assert (tmp_path / "demo" / "ldm" / "budget.json").read_text() == plan
+    # a budget too small for one step is refused before anything trains
+    err = cli_error(demo.main, ["--runs", str(tmp_path / "b"), "--smoke", "--budget-minutes", "0.0001"], capsys)
+    assert "too small to train one step of the VAE stage" in err and not (tmp_path / "b" / "vae").exists()
+    # a folder trained without a budget is refused
+    (tmp_path / "c" / "vae").mkdir(parents=True)
+    (tmp_path / "c" / "vae" / "ckpt.pt").write_bytes((tmp_path / "vae" / "ckpt.pt").read_bytes())
+    err = cli_error(demo.main, ["--runs", str(tmp_path / "c"), "--smoke", "--budget-minutes", "0.002"], capsys)
+    assert "trained without --budget-minutes" in err
