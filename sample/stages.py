@@ -61,6 +61,10 @@ def judges(runs, smoke):
                   train.clip.ClipTrainConfig, JUDGE_SMOKE["judge CLIP"] if smoke else [], train.clip.FILLED_IN)]
 
 
+WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after")  # not what a run trained: a moved runs folder
+                                                                     # or a run resumed in pieces is the same stage
+
+
 def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     """A training stage is done when its checkpoint was made with the config the demo asks for (`argv`: --config FILE
     and overrides; `filled_in`: keys the script sets itself) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
@@ -69,7 +73,7 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
     wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
-    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=filled_in)
+    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=(*filled_in, *WHERE_AND_HOW))
     if changes:
         raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
                          f"its folder away or pass --runs <another folder>")
