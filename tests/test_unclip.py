@@ -1,0 +1,188 @@
+"""unCLIP (Ramesh et al. 2022, arXiv 2204.06125): the diffusion prior and its sampler against diffusers'
+PriorTransformer and UnCLIPScheduler (random weights), the prior's properties (causality, guidance dropout,
+the normalisation round trip, the best-of-2 rule), the decoder's projection against UnCLIPTextProjModel, and the
+smoke runs and bad-input contract of train/prior.py, the decoder and the unclip pipeline."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.reference_imports import make_torchvision_importable
+
+make_torchvision_importable()
+
+from models.conditioning import Conditioning  # noqa: E402
+from models.prior import DiffusionPrior, PriorConfig, load_diffusers_prior, sample_image_embeddings  # noqa: E402
+from models.samplers import SamplerConfig, ddpm_step, make_timesteps, sample  # noqa: E402
+from models.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
+
+E, L, D = 8, 5, 16
+
+
+def text_condition(B, g, padded=True):
+    tokens = torch.randn(B, L, E, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if padded:
+        mask[0, 3:] = False  # row 0: <start> a b <end> then padding
+    return Conditioning(tokens=tokens, mask=mask, pooled=torch.randn(B, E, generator=g))
+
+
+def test_prior_equals_diffusers_prior_transformer():
+    from diffusers import PriorTransformer
+    torch.manual_seed(0)
+    ref = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=E,
+                           num_embeddings=L, additional_embeddings=4).eval()
+    with torch.no_grad():  # diffusers zero-initialises these; random values so that every weight is checked
+        for name in ("positional_embedding", "prd_embedding", "clip_mean"):
+            getattr(ref, name).normal_()
+        ref.clip_std.uniform_(0.5, 2.0)
+    ours = DiffusionPrior(PriorConfig(embed_dim=E, text_width=E, text_length=L, width=D, layers=2, heads=2)).eval()
+    load_diffusers_prior(ours, ref.state_dict())
+    g = torch.Generator().manual_seed(1)
+    B = 3
+    cond = text_condition(B, g)
+    x_t = torch.randn(B, E, generator=g)
+    t = torch.tensor([0, 411, 999])
+    with torch.no_grad():
+        expected = ref(x_t, t, proj_embedding=cond.pooled, encoder_hidden_states=cond.tokens,
+                       attention_mask=cond.mask).predicted_image_embedding
+        got = ours(x_t, t, cond)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.denormalise(got), F.normalize(ref.post_process_latents(expected), dim=-1))
+
+
+def test_prior_is_causal_and_reads_its_condition():
+    """The prediction reads the text (changing a real token changes it; a padding token does not), and z_t; the
+    output at the query is the last position, so no token is hidden from it."""
+    torch.manual_seed(0)
+    prior = DiffusionPrior(PriorConfig(embed_dim=E, text_width=E, text_length=L, width=D, layers=2, heads=2)).eval()
+    g = torch.Generator().manual_seed(2)
+    cond = text_condition(2, g)
+    x_t, t = torch.randn(2, E, generator=g), torch.tensor([10, 500])
+    with torch.no_grad():
+        base = prior(x_t, t, cond)
+        padded = cond.tokens.clone()
+        padded[0, 4] += 10  # a padding position of row 0
+        assert torch.allclose(prior(x_t, t, Conditioning(tokens=padded, mask=cond.mask, pooled=cond.pooled)), base)
+        real = cond.tokens.clone()
+        real[0, 1] += 1
+        assert not torch.allclose(prior(x_t, t, Conditioning(tokens=real, mask=cond.mask, pooled=cond.pooled))[0],
+                                  base[0])
+        assert not torch.allclose(prior(x_t, t, Conditioning(tokens=cond.tokens, mask=cond.mask,
+                                                             pooled=cond.pooled + 1))[0], base[0])
+        # dropped rows ignore the caption entirely: two different captions give the same prediction
+        other = text_condition(2, torch.Generator().manual_seed(3))
+        drop = torch.tensor([True, False])
+        a = prior(x_t, t, Conditioning(cond.tokens, cond.mask, cond.pooled, drop=drop))
+        b = prior(x_t, t, Conditioning(other.tokens, other.mask, other.pooled, drop=drop))
+        assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_normalise_round_trip():
+    prior = DiffusionPrior(PriorConfig(embed_dim=E, text_width=E, text_length=L, width=D, layers=1, heads=2))
+    prior.clip_mean.normal_()
+    prior.clip_std.uniform_(0.1, 1.0)
+    z = torch.randn(4, E) * 3
+    torch.testing.assert_close(prior.denormalise(prior.normalise(z)), F.normalize(z, dim=-1))
+
+
+def test_sampler_equals_unclip_scheduler():
+    """The prior's sampler settings (DDPM, cosine betas, x_0 prediction clipped to +-5, 'linspace' steps, equal to
+    Karlo's (T - 1) / (n - 1) ratio, fixed_small variance) give UnCLIPScheduler's steps, the noise drawn from the
+    same generator. One difference, stated in models/prior.py: on the last step (t = 0 -> past 0) UnCLIPScheduler
+    multiplies x0_hat by beta_0 / (1 - abar_0), which float32 rounding makes 1 + 1e-3 instead of 1; ours returns
+    x0_hat itself (DDPM Alg. 2's noise-free last step)."""
+    from diffusers import UnCLIPScheduler
+    T, n, B = 1000, 25, 3
+    ref = UnCLIPScheduler(num_train_timesteps=T, variance_type="fixed_small_log", clip_sample=True,
+                          clip_sample_range=5.0, prediction_type="sample")
+    ref.set_timesteps(n)
+    schedule = NoiseSchedule(ScheduleConfig(num_train_timesteps=T, beta_schedule="cosine", prediction_type="sample"))
+    torch.testing.assert_close(schedule.alphas_cumprod, ref.alphas_cumprod)
+    settings = SamplerConfig(sampler="ddpm", num_inference_steps=n, timestep_spacing="linspace",
+                             variance_type="fixed_small", clip_sample=True, clip_sample_range=5.0)
+    assert make_timesteps(T, n, "linspace").tolist() == ref.timesteps.tolist()
+    W = torch.randn(E, E, generator=torch.Generator().manual_seed(0)) / E ** 0.5
+    model = lambda x, t: 6 * torch.tanh(x @ W) + t[:, None] / 500  # any deterministic x0 predictor (beyond +-5)
+
+    g_ref, g_ours = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    x = torch.randn(B, E, generator=torch.Generator().manual_seed(5))
+    timesteps = ref.timesteps.tolist()
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None  # as UnCLIPPipeline passes it
+        out = model(x, torch.full((B,), t))
+        expected = ref.step(out, t, x, prev_timestep=prev, generator=g_ref).prev_sample
+        got = ddpm_step(schedule, out, t, -1 if prev is None else prev, x, settings, g_ours)
+        if prev is None:
+            torch.testing.assert_close(got, out.clamp(-5, 5))
+            ratio = float(ref.betas[0] / (1 - ref.alphas_cumprod[0]))
+            torch.testing.assert_close(expected, got * ratio)
+            assert 1e-6 < abs(ratio - 1) < 1e-2
+        else:
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        x = expected
+    # and the whole loop, our sample() against the steps above
+    g = torch.Generator().manual_seed(4)
+    whole = sample(model, torch.randn(B, E, generator=torch.Generator().manual_seed(5)), schedule, settings,
+                   generator=g, progress=False)
+    torch.testing.assert_close(whole * ratio, x, atol=1e-4, rtol=1e-4)
+
+
+def test_best_of_candidates_keeps_the_largest_dot_product():
+    """With K candidates the kept z_i has the largest <z_i, z_t> among them; K = 1 is the plain sample."""
+    torch.manual_seed(0)
+    prior = DiffusionPrior(PriorConfig(embed_dim=E, text_width=E, text_length=L, width=D, layers=1, heads=2)).eval()
+    schedule = NoiseSchedule(ScheduleConfig(beta_schedule="cosine", prediction_type="sample"))
+    settings = SamplerConfig(sampler="ddpm", num_inference_steps=4, timestep_spacing="linspace", clip_sample=True,
+                             clip_sample_range=5.0, guidance_scale=2.0)
+    cond = text_condition(3, torch.Generator().manual_seed(5))
+    z_t = F.normalize(cond.pooled, dim=-1)
+    best = sample_image_embeddings(prior, schedule, cond, settings, candidates=4,
+                                   generator=torch.Generator().manual_seed(6))
+    all_four = sample_image_embeddings(prior, schedule, Conditioning(
+        tokens=cond.tokens.repeat(4, 1, 1), mask=cond.mask.repeat(4, 1), pooled=cond.pooled.repeat(4, 1)),
+        settings, candidates=1, generator=torch.Generator().manual_seed(6)).view(4, 3, E)
+    torch.testing.assert_close(best.norm(dim=-1), torch.ones(3))
+    scores = (all_four * z_t).sum(-1)  # (4, 3)
+    torch.testing.assert_close(best, all_four[scores.argmax(0), torch.arange(3)])
+    assert not torch.allclose(all_four[0], all_four[1])
+
+
+# ---------------------------------------------------------------- smoke runs
+
+CLIP_TINY = ["model.embed_dim=16", "model.text.width=16", "model.text.layers=1", "model.text.max_length=16",
+             "model.text.causal=true", "model.vision.kind=conv", "model.vision.image_size=16", "model.vision.width=8",
+             "model.vision.layers=2", "tokenizer.vocab_size=300", "data.resolution=16", "data.num_images=64",
+             "train.steps=3", "train.batch_size=16", "train.log_every=1", "train.eval_images=0", "train.device=cpu"]
+PRIOR_TINY = ["data.resolution=16", "data.num_images=64", "prior.width=16", "prior.layers=1", "prior.heads=2",
+              "train.steps=3", "train.batch_size=16", "train.log_every=1", "train.eval_images=8", "train.device=cpu",
+              "sampler.num_inference_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny CLIP, and a tiny prior on it: {name: checkpoint path}."""
+    from train import clip as train_clip
+    from train import prior as train_prior
+    root = tmp_path_factory.mktemp("unclip")
+    train_clip.main(CLIP_TINY + [f"train.out_dir={root / 'clip'}"])
+    train_clip.main(CLIP_TINY + [f"train.out_dir={root / 'clip2'}", "train.seed=1"])
+    out = {"clip": root / "clip" / "ckpt.pt", "clip2": root / "clip2" / "ckpt.pt", "root": root}
+    out["figures"] = train_prior.main(PRIOR_TINY + [f"clip={out['clip']}", f"train.out_dir={root / 'prior'}"])
+    out["prior"] = root / "prior" / "ckpt.pt"
+    return out
+
+
+def test_prior_training_smoke_run(runs, capsys):
+    from core.checkpoint import load_checkpoint
+    from models.clip import clip_fingerprint, load_clip
+    from train.prior import load_prior
+    ckpt = load_checkpoint(runs["prior"], "prior")
+    assert ckpt["step"] == 3 and ckpt["config"]["prior"]["embed_dim"] == 16
+    assert ckpt["clip"]["sha256"] == clip_fingerprint(load_clip(runs["clip"])[0])
+    prior, _, cfg, _ = load_prior(runs["prior"])
+    # the normalisation statistics are those of the unit training z_i: the mean has norm below 1, the std > 0
+    assert 0 < prior.clip_mean.norm() < 1 and (prior.clip_std > 0).all()
+    figures = runs["figures"]
+    assert set(figures) == {"heldin", "heldout"}
+    assert figures["heldin"]["cosine random pair"] < 1 and 0 <= figures["heldin"]["retrieval prior"] <= 1
