@@ -186,3 +186,93 @@ def test_prior_training_smoke_run(runs, capsys):
     figures = runs["figures"]
     assert set(figures) == {"heldin", "heldout"}
     assert figures["heldin"]["cosine random pair"] < 1 and 0 <= figures["heldin"]["retrieval prior"] <= 1
+
+
+def test_decoder_projection_equals_unclip_text_proj_model():
+    """Karlo's UnCLIPTextProjModel (E = W = 8, time embedding 64, context 16) with our weights copied in gives our
+    extra tokens + projected text tokens and our addition to the timestep embedding, for z_i given and for z_i
+    replaced by the learned null (its classifier-free guidance rows)."""
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from models.text2image import FrozenTextEncoder
+    from models.text_encoder import TextEncoderConfig
+    from models.unclip_decoder import UnCLIPDecoder, diffusers_text_proj_weights
+    from models.unet import UNetConfig
+    torch.manual_seed(0)
+    text_cfg = TextEncoderConfig(vocab_size=50, max_length=L, width=E, layers=1, heads=2, causal=True)
+    unet_cfg = UNetConfig(image_size=8, in_channels=4, out_channels=4, channels=16, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_resolutions=(4,), context_dim=16, pooled_dim=2 * E,
+                          norm_groups=8)
+    decoder = UnCLIPDecoder(FrozenTextEncoder("clip", text_cfg), unet_cfg, E).eval()
+    ref = UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=E, time_embed_dim=64,
+                              cross_attention_dim=16).eval()
+    ref.load_state_dict(diffusers_text_proj_weights(decoder))
+    g = torch.Generator().manual_seed(7)
+    B = 3
+    z_i, z_t, tokens = torch.randn(B, E, generator=g), torch.randn(B, E, generator=g), torch.randn(B, L, E, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    with torch.no_grad():
+        context, time = ref(image_embeddings=z_i, prompt_embeds=torch.cat([z_t, z_t]),
+                            text_encoder_hidden_states=torch.cat([tokens, tokens]), do_classifier_free_guidance=True)
+        cond = Conditioning(tokens=tokens, mask=mask, pooled=z_t, image_embed=z_i)
+        for rows, drop_image in ((slice(B, None), None), (slice(0, B), torch.ones(B, dtype=torch.bool))):
+            ours = decoder.unet_condition(cond, drop_image=drop_image)
+            torch.testing.assert_close(ours.tokens, context[rows])
+            torch.testing.assert_close(decoder.unet.pooled_proj(ours.pooled), time[rows])
+            assert ours.mask.shape == (B, 4 + L) and ours.mask.all()
+
+
+def test_decoder_dropping_and_guidance_rows():
+    """drop_text removes the caption alone (the output no longer depends on it but still on z_i), drop_image z_i
+    alone, cond.drop both (the unconditional rows of guidance)."""
+    from models.text2image import FrozenTextEncoder
+    from models.text_encoder import TextEncoderConfig
+    from models.unclip_decoder import UnCLIPDecoder
+    from models.unet import UNetConfig
+    torch.manual_seed(0)
+    text_cfg = TextEncoderConfig(vocab_size=50, max_length=L, width=E, layers=1, heads=2, causal=True)
+    unet_cfg = UNetConfig(image_size=8, in_channels=4, out_channels=4, channels=16, channel_mult=(1, 2),
+                          num_res_blocks=1, attention_resolutions=(4,), context_dim=16, pooled_dim=2 * E,
+                          norm_groups=8)
+    decoder = UnCLIPDecoder(FrozenTextEncoder("clip", text_cfg), unet_cfg, E).eval()
+    for p in decoder.unet.parameters():  # the zero-initialised output layers would hide every difference
+        p.data.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 600])
+    a = Conditioning(tokens=torch.randn(2, L, E, generator=g), mask=torch.ones(2, L, dtype=torch.bool),
+                     pooled=torch.randn(2, E, generator=g), image_embed=torch.randn(2, E, generator=g))
+    b = Conditioning(tokens=torch.randn(2, L, E, generator=g), mask=a.mask, pooled=torch.randn(2, E, generator=g),
+                     image_embed=a.image_embed)  # another caption, the same z_i
+    c = Conditioning(tokens=a.tokens, mask=a.mask, pooled=a.pooled, image_embed=torch.randn(2, E, generator=g))
+    yes = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        assert not torch.allclose(decoder.denoise(x, t, a), decoder.denoise(x, t, b))
+        torch.testing.assert_close(decoder.denoise(x, t, a, drop_text=yes), decoder.denoise(x, t, b, drop_text=yes))
+        assert not torch.allclose(decoder.denoise(x, t, a, drop_text=yes), decoder.denoise(x, t, c, drop_text=yes))
+        torch.testing.assert_close(decoder.denoise(x, t, a, drop_image=yes), decoder.denoise(x, t, c, drop_image=yes))
+        both = decoder.denoise(x, t, a.unconditional())
+        torch.testing.assert_close(both, decoder.denoise(x, t, c, drop_text=yes, drop_image=yes))
+
+
+DECODER_TINY = ["data.num_images=48", "data.resolution=16", "unet.image_size=16", "unet.channels=16",
+                "unet.channel_mult=[1, 2]", "unet.num_res_blocks=1", "unet.attention_resolutions=[8]",
+                "unet.norm_groups=8", "unet.context_dim=32", "unet.pooled_dim=32", "image_embed_dim=16",
+                "train.batch_size=8", "train.log_every=1", "train.sample_every=0", "train.sample_steps=2",
+                "train.device=cpu", "train.sample_prompts=[a red circle, a blue square]", "train.steps=3",
+                "train.cond_drop_prob=0.5", "train.image_drop_prob=0.1"]
+
+
+@pytest.fixture(scope="module")
+def decoder(runs):
+    from train import diffusion
+    out = runs["root"] / "decoder"
+    diffusion.main(DECODER_TINY + [f"text_encoder=clip:{runs['clip']}", f"train.out_dir={out}"])
+    return out / "ckpt.pt"
+
+
+def test_decoder_training_smoke_run(runs, decoder):
+    from core.checkpoint import load_checkpoint
+    from models.clip import clip_fingerprint, load_clip
+    ckpt = load_checkpoint(decoder, "diffusion")
+    assert ckpt["step"] == 3 and ckpt["config"]["image_embed_dim"] == 16
+    assert ckpt["clip"]["sha256"] == clip_fingerprint(load_clip(runs["clip"])[0])
+    assert (decoder.parent / "samples" / "step_0000003.png").is_file()
