@@ -276,3 +276,112 @@ def test_decoder_training_smoke_run(runs, decoder):
     assert ckpt["step"] == 3 and ckpt["config"]["image_embed_dim"] == 16
     assert ckpt["clip"]["sha256"] == clip_fingerprint(load_clip(runs["clip"])[0])
     assert (decoder.parent / "samples" / "step_0000003.png").is_file()
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def pipeline_config(runs, name="pipeline.yaml", prior=None, decoder=None):
+    path = runs["root"] / name
+    path.write_text(f"prior: {prior or runs['prior']}\ndecoder: {decoder or runs['decoder']}\ndevice: cpu\n"
+                    f"preset: fast\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def unclip_runs(runs, decoder):
+    return {**runs, "decoder": decoder}
+
+
+def sample_args(runs, out, *extra):
+    return ["--pipeline", "unclip", "--config", str(pipeline_config(runs)), "--steps", "2", "--prior-steps", "2",
+            "--seed", "3", "--out", str(out), *extra]
+
+
+def test_slerp_ends_and_stays_on_the_sphere():
+    from models.unclip import slerp
+    g = torch.Generator().manual_seed(9)
+    a, b = F.normalize(torch.randn(3, E, generator=g), dim=-1), F.normalize(torch.randn(3, E, generator=g), dim=-1)
+    torch.testing.assert_close(slerp(a, b, torch.zeros(3, 1)), a)
+    torch.testing.assert_close(slerp(a, b, torch.ones(3, 1)), b)
+    mid = slerp(a, b, torch.full((3, 1), 0.5))
+    torch.testing.assert_close(mid.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close((mid * a).sum(-1), (mid * b).sum(-1))  # halfway: equally far from both ends
+
+
+def test_unclip_pipeline_samples_variations_and_interpolations(unclip_runs, tmp_path):
+    import json
+    from PIL import Image
+    import sample.__main__ as sample_cli
+    runs = unclip_runs
+    sample_cli.main(sample_args(runs, tmp_path / "a.png", "--prompt", "a red circle", "--prompt", "a blue square",
+                                "--n", "2"))
+    sample_cli.main(sample_args(runs, tmp_path / "b.png", "--prompt", "a red circle", "--prompt", "a blue square",
+                                "--n", "2"))
+    a, b = np.array(Image.open(tmp_path / "a.png")), np.array(Image.open(tmp_path / "b.png"))
+    assert np.array_equal(a, b)  # the same seed gives the same pixels
+    assert len((tmp_path / "a" / "metadata.jsonl").read_text().splitlines()) == 4
+    for embedding in ("text", "true"):
+        sample_cli.main(sample_args(runs, tmp_path / f"{embedding}.png", "--prompt", "a purple circle",
+                                    "--embedding", embedding))
+    render = tmp_path / "render.png"
+    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(render)
+    sample_cli.main(sample_args(runs, tmp_path / "v.png", "--variations", str(render), str(render), "--n", "3"))
+    assert Image.open(tmp_path / "v.png").size[1] > Image.open(tmp_path / "v.png").size[0] / 3  # 2 rows of 4
+    assert len((tmp_path / "v" / "metadata.jsonl").read_text().splitlines()) == 8
+    sample_cli.main(sample_args(runs, tmp_path / "i.png", "--interpolate", "a red circle", "a blue square",
+                                "--n", "4"))
+    texts = [json.loads(line)["text"] for line in (tmp_path / "i" / "metadata.jsonl").read_text().splitlines()]
+    assert texts[0].endswith("(0/3)") and len(texts) == 4
+
+
+def test_unclip_interpolation_ends_are_the_decoded_endpoints(unclip_runs):
+    """theta = 0 and 1 decode the two embeddings themselves, with the shared noise."""
+    from models.pipeline import load_family_pipeline, pipeline_config as read_config
+    pipe, _ = load_family_pipeline("unclip", read_config("unclip", str(pipeline_config(unclip_runs))), "cpu")
+    settings = pipe.settings_with(steps=2, prior_steps=2)
+    z = F.normalize(torch.randn(2, pipe.prior.cfg.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    row = pipe.interpolate(z[:1], z[1:], 3, settings, torch.Generator().manual_seed(2))
+    u = pipe.decoder.model.unet.cfg
+    x_T = torch.randn(1, u.out_channels, u.image_size, u.image_size, generator=torch.Generator().manual_seed(2))
+    from dataclasses import replace
+    ends = pipe.decode(z, None, replace(settings, decoder=replace(settings.decoder, eta=0.0)), progress=False,
+                       x_T=x_T.expand(2, -1, -1, -1))
+    torch.testing.assert_close(row[[0, 2]], ends, atol=1e-5, rtol=1e-5)
+
+
+def test_unclip_bad_input(unclip_runs, tmp_path, capsys):
+    from tests.test_train_diffusion import cli_error
+    from train import prior as train_prior
+    import sample.__main__ as sample_cli
+    runs = unclip_runs
+    other = runs["root"] / "prior_other_clip"
+    if not other.exists():
+        train_prior.main(PRIOR_TINY + [f"clip={runs['clip2']}", f"train.out_dir={other}", "train.eval_images=0"])
+    capsys.readouterr()
+    args = ["--pipeline", "unclip", "--config", str(pipeline_config(runs, "other.yaml", prior=other / "ckpt.pt")),
+            "--prompt", "a red circle", "--out", str(tmp_path / "x.png")]
+    err = cli_error(sample_cli.main, args, capsys)
+    assert str(runs["clip"]) in err and str(runs["clip2"]) in err
+    no_dropout = runs["root"] / "prior_no_dropout"
+    if not no_dropout.exists():
+        train_prior.main(PRIOR_TINY + [f"clip={runs['clip']}", f"train.out_dir={no_dropout}", "train.eval_images=0",
+                                       "train.cond_drop_prob=0", "sampler.guidance_scale=1"])
+    capsys.readouterr()
+    args = ["--pipeline", "unclip", "--config", str(pipeline_config(runs, "nd.yaml", prior=no_dropout / "ckpt.pt")),
+            "--prompt", "a red circle", "--prior-guidance", "0.5", "--out", str(tmp_path / "x.png")]
+    assert "--prior-guidance 1" in cli_error(sample_cli.main, args, capsys)
+    wrong_size = tmp_path / "big.png"
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(wrong_size)
+    assert "16x16" in cli_error(sample_cli.main, sample_args(runs, tmp_path / "x.png", "--variations", str(wrong_size)),
+                                capsys)
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert "not an image" in cli_error(sample_cli.main, sample_args(runs, tmp_path / "x.png", "--variations",
+                                                                    str(text)), capsys)
+    assert "two endpoints" in cli_error(sample_cli.main, sample_args(runs, tmp_path / "x.png", "--interpolate", "a",
+                                                                     "b", "c"), capsys)
+    with pytest.raises(ValueError, match="unCLIP's decoder"):
+        from models.pipeline import load_pipeline
+        load_pipeline(runs["decoder"])
+    assert not (tmp_path / "x.png").exists()
