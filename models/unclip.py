@@ -191,8 +191,9 @@ class UnCLIPPipeline:
                            progress=False, x_T=x_T.expand(n, -1, -1, -1))
 
     def cast(self, dtype):
+        """The decoder's networks in `dtype` (models/text2image.py); the CLIP and the prior (a few hundred thousand
+        weights, a small share of the time) stay in float32."""
         self.decoder.cast(dtype)
-        self.prior.to(dtype)
         return self
 
 

@@ -385,3 +385,4 @@ def test_unclip_bad_input(unclip_runs, tmp_path, capsys):
         from models.pipeline import load_pipeline
         load_pipeline(runs["decoder"])
     assert not (tmp_path / "x.png").exists()
+
