@@ -386,3 +386,19 @@ def test_unclip_bad_input(unclip_runs, tmp_path, capsys):
         load_pipeline(runs["decoder"])
     assert not (tmp_path / "x.png").exists()
 
+
+def test_demo_smoke_run_writes_the_unclip_figures(tmp_path, capsys):
+    """python -m sample.demo --family unclip at a few steps per stage: every stage runs, and metrics.json has the
+    latent demo's keys plus the prior's figures and the decoder's accuracy with the true z_i and with z_t."""
+    import json
+    from sample import demo
+    demo.main(["--family", "unclip", "--runs", str(tmp_path), "--smoke", "--sequential", "--fid-images", "8",
+               "--n", "1", "--accuracy-n", "1", "--steps", "2"])
+    report = json.loads((tmp_path / "demo" / "unclip" / "metrics.json").read_text())
+    assert {"prompt_accuracy", "fid", "clip_score", "stage_seconds", "total_seconds", "prior",
+            "prompt_accuracy_true_embedding", "prompt_accuracy_text_embedding"} <= set(report)
+    assert {"CLIP", "VAE", "prior", "decoder"} <= set(report["stage_seconds"])
+    for key in ("prompt_accuracy", "prompt_accuracy_true_embedding", "prompt_accuracy_text_embedding"):
+        assert {"colour", "shape"} <= set(report[key]["heldin"]) and "shape" in report[key]["heldout"]
+    assert {"cosine prior", "cosine z_t", "cosine train mean", "retrieval prior"} <= set(report["prior"]["heldin"])
+    assert (tmp_path / "demo" / "unclip" / "samples.png").is_file()
