@@ -162,7 +162,8 @@ def add_sampling_flags(p):
                    "Imagen's 99.5%%)")
     p.add_argument("--threshold-max", type=float, help="dynamic thresholding: the cap on s (default: none, as in "
                    "Imagen; DeepFloyd IF uses 1.5; 1 would be static clipping)")
-    p.add_argument("--prior-steps", type=int, help="unclip: the prior's sampling steps (the flags above are the decoder's)")
+    p.add_argument("--prior-steps", type=int, help="unclip: the prior's sampling steps (the flags above are the "
+                   "decoder's)")
     p.add_argument("--prior-guidance", type=float, help="unclip: the prior's classifier-free guidance scale")
     p.add_argument("--embedding", choices=["prior", "text", "true"], help="unclip: what the decoder reads: the "
                    "prior's z_i, z_t itself (no prior), or the z_i of a render that shows the prompt (upper bound)")
@@ -173,8 +174,8 @@ def settings_from_args(pipe, args, preset=None):
     unclip = {k: v for k, v in (("prior_steps", args.prior_steps), ("prior_guidance", args.prior_guidance),
                                 ("embedding", args.embedding)) if v is not None}
     if unclip and pipe.family != "unclip":
-        raise ValueError(f"--prior-steps, --prior-guidance and --embedding are unclip's; the {pipe.family} pipeline has "
-                         f"no prior")
+        raise ValueError(f"--prior-steps, --prior-guidance and --embedding are unclip's; the {pipe.family} pipeline "
+                         f"has no prior")
     return pipe.settings_with(preset=args.preset or preset, sampler=args.sampler, steps=args.steps, eta=args.eta,
                               guidance=args.guidance, spacing=args.spacing, dynamic_threshold=args.dynamic_threshold,
                               threshold_ratio=args.threshold_ratio, threshold_max=args.threshold_max, **unclip)

@@ -195,8 +195,8 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
     if model_cfg.image_embed_dim:  # unCLIP's decoder: the frozen CLIP text tower, the z_i projections, the U-Net
         from models.unclip_decoder import UnCLIPDecoder  # (imported here: it builds on this module's classes)
         if not model_cfg.text_encoder.startswith("clip:"):
-            raise ValueError(f"unCLIP's decoder (image_embed_dim={model_cfg.image_embed_dim}) reads the caption through "
-                             f"its CLIP: set text_encoder=clip:<the CLIP checkpoint>")
+            raise ValueError(f"unCLIP's decoder (image_embed_dim={model_cfg.image_embed_dim}) reads the caption "
+                             f"through its CLIP: set text_encoder=clip:<the CLIP checkpoint>")
         model = UnCLIPDecoder(FrozenTextEncoder("clip", model_cfg.text), model_cfg.unet, model_cfg.image_embed_dim)
         if frozen is not None:
             load_weights(model.text_encoder.encoder, frozen["weights"], "clip text encoder weights")

@@ -215,7 +215,8 @@ def main(argv=None):
     # ---- evaluation through the checkpoint
     prior, schedule, cfg, _ = load_prior(ckpt_path, device)
     g = torch.Generator(device).manual_seed(0)
-    results = {name: evaluate(prior, schedule, cfg.sampler, cfg.candidates, clip, tokenizer, tc.eval_images, tc.eval_seed, split, g)
+    results = {name: evaluate(prior, schedule, cfg.sampler, cfg.candidates, clip, tokenizer, tc.eval_images,
+                              tc.eval_seed, split, g)
                for split, name in (("train", "heldin"), ("heldout", "heldout"))}
     for split, figures in results.items():
         for k, v in figures.items():
