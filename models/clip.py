@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from core.checkpoint import load_checkpoint, load_weights
-from core.config import config_from_dict
+from core.config import config_from_dict, config_to_dict
 from models.attention import scaled_dot_product_attention
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
@@ -293,3 +293,31 @@ def load_clip(path, device="cpu", text_only=False):
     weights = {k: v for k, v in ckpt["model"].items() if k in model.state_dict()} if text_only else ckpt["model"]
     load_weights(model, weights, f"CLIP weights in {path}")
     return model.to(device).eval(), BPETokenizer.from_state_dict(ckpt["tokenizer"]), cfg
+
+
+def clip_fingerprint(model):
+    """What a model conditioned on CLIP embeddings remembers of its CLIP (unCLIP's prior and decoder): a SHA-256 of
+    the config and weights, so that joining parts trained on different CLIPs (whose spaces differ) is refused."""
+    import hashlib
+    h = hashlib.sha256(repr(sorted(config_to_dict(model.cfg).items())).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def text_conditions(model, tokenizer, texts, truncate=False, batch_size=512):
+    """Captions -> (tokens (N, L, W) after ln_final, mask (N, L), unit z_t (N, E)), padded to the full context
+    length L = text.max_length: what unCLIP's prior reads of a caption. Over-long captions are an error unless
+    truncate."""
+    device = next(model.parameters()).device
+    L = model.cfg.text.max_length
+    tokens, masks, z_t = [], [], []
+    for i in range(0, len(texts), batch_size):
+        ids, mask = tokenizer(texts[i: i + batch_size], max_length=L, truncate=truncate)  # (b, L) each
+        t, pooled = model.text_features(ids.to(device), mask.to(device))  # (b, L, W), (b, W)
+        tokens.append(t)
+        masks.append(mask.to(device))
+        z_t.append(torch.nn.functional.normalize(pooled @ model.text_projection, dim=-1))  # (b, E)
+    return torch.cat(tokens), torch.cat(masks), torch.cat(z_t)

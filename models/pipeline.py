@@ -3,7 +3,7 @@
 Stable Diffusion, DALL-E, Imagen and unCLIP join separately trained parts (text encoder -> generation model ->
 decoder) only at sampling time. Whatever the family, the joined object -- a pipeline -- offers:
 
-    family          its name: "pixel" or "ldm" (models/text2image.py), ... (one per family)
+    family          its name: "pixel" or "ldm" (models/text2image.py), "unclip" (models/unclip.py), ...
     resolution      the side of the square pictures it returns
     settings        its sampling settings, a dataclass holding the checkpoint's defaults (diffusion: SamplerConfig)
     data            the data config (a dict) its generation model was trained on: dataset, resolution, ...
@@ -36,8 +36,9 @@ from core.config import load_config
 from core.runtime import get_device
 from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
+from models.unclip import UnCLIPPipelineConfig, load_unclip
 
-FAMILIES = ("pixel", "ldm")  # the names --pipeline accepts; every family adds its own
+FAMILIES = ("pixel", "ldm", "unclip")  # the names --pipeline accepts; every family adds its own
 PRESET_NAMES = ("fast", "quality", "creative")  # every family defines these three (its `presets`)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLEABLE_KINDS = ("diffusion",)  # checkpoint kinds a pipeline can be built from alone
@@ -52,14 +53,17 @@ class DiffusionPipelineConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N | mps
 
 
-PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig}
-DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml"}
+PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig, "unclip": UnCLIPPipelineConfig}
+DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml", "unclip": "configs/shapes/pipeline_unclip.yaml"}
 
 
 def load_pipeline(path, device="cpu", use_ema=True, vae=None):
     """One checkpoint -> the pipeline of its family, in eval mode on `device`. vae: a latent diffusion checkpoint's
     decoder (default: the one stored at training)."""
     ckpt = load_checkpoint(path, SAMPLEABLE_KINDS)
+    if ckpt["kind"] == "diffusion" and ckpt["config"].get("image_embed_dim"):
+        raise ValueError(f"{path} is unCLIP's decoder, which samples from CLIP image embeddings; use --pipeline unclip "
+                         f"--config configs/shapes/pipeline_unclip.yaml")
     if ckpt["kind"] == "diffusion":
         return load_text2image(ckpt, device, use_ema=use_ema, vae_path=vae)
     raise AssertionError(f"no pipeline for checkpoint kind {ckpt['kind']!r}")  # load_checkpoint checked the kind
@@ -80,16 +84,19 @@ def load_family_pipeline(family, cfg, device, use_ema=True):
             raise ValueError(f"--pipeline {family} needs a {'latent' if family == 'ldm' else 'pixel'}-space diffusion "
                              f"checkpoint but {cfg.diffusion} is {'latent' if pipe.family == 'ldm' else 'pixel'}-space")
         return pipe, cfg.preset or None
+    if family == "unclip":
+        return load_unclip(cfg, device, use_ema=use_ema), cfg.preset or None
     raise AssertionError(f"unhandled family {family!r}")  # pipeline_config checked the name
 
 
 def add_pipeline_arguments(parser):
     """The flags that name a pipeline, the same for every command that samples."""
     parser.add_argument("--ckpt", help="a checkpoint to sample from (its kind decides the family); with --pipeline, "
-                        "the diffusion checkpoint instead of the config's")
+                        "the diffusion checkpoint (unclip: the decoder) instead of the config's")
     parser.add_argument("--pipeline", choices=FAMILIES, help="a family whose parts a pipeline config names "
                         "(--config; default configs/shapes/pipeline_ldm.yaml for ldm)")
     parser.add_argument("--config", help="pipeline config (YAML) of --pipeline")
+    parser.add_argument("--prior", help="unclip: the prior checkpoint instead of the config's")
     parser.add_argument("--vae", help="latent diffusion: the VAE checkpoint (default: the config's, else the one "
                         "stored at training)")
     parser.add_argument("--weights", help="Stable Diffusion v1 weights (with --pipeline ldm): a diffusers folder or a "
@@ -131,7 +138,10 @@ def named_pipeline(args):
     if config is None and not args.ckpt:
         raise ValueError(f"--pipeline {args.pipeline} needs --config FILE (or --ckpt for a single checkpoint)")
     cfg = pipeline_config(args.pipeline, config)
-    cfg = replace(cfg, **{k: v for k, v in (("diffusion", args.ckpt), ("vae", args.vae)) if v})
+    main_ckpt = "decoder" if args.pipeline == "unclip" else "diffusion"
+    if args.prior and args.pipeline != "unclip":
+        raise ValueError(f"--prior names unclip's prior; the {args.pipeline} pipeline has none")
+    cfg = replace(cfg, **{k: v for k, v in ((main_ckpt, args.ckpt), ("vae", args.vae), ("prior", args.prior)) if v})
     device = get_device(args.device or cfg.device)
     pipe, preset = load_family_pipeline(args.pipeline, cfg, device, use_ema=not args.no_ema)
     return pipe, preset, device
@@ -152,10 +162,20 @@ def add_sampling_flags(p):
                    "Imagen's 99.5%%)")
     p.add_argument("--threshold-max", type=float, help="dynamic thresholding: the cap on s (default: none, as in "
                    "Imagen; DeepFloyd IF uses 1.5; 1 would be static clipping)")
+    p.add_argument("--prior-steps", type=int, help="unclip: the prior's sampling steps (the flags above are the "
+                   "decoder's)")
+    p.add_argument("--prior-guidance", type=float, help="unclip: the prior's classifier-free guidance scale")
+    p.add_argument("--embedding", choices=["prior", "text", "true"], help="unclip: what the decoder reads: the "
+                   "prior's z_i, z_t itself (no prior), or the z_i of a render that shows the prompt (upper bound)")
 
 
 def settings_from_args(pipe, args, preset=None):
     """The pipeline's settings with --preset (else the config's preset) and the sampling flags applied."""
+    unclip = {k: v for k, v in (("prior_steps", args.prior_steps), ("prior_guidance", args.prior_guidance),
+                                ("embedding", args.embedding)) if v is not None}
+    if unclip and pipe.family != "unclip":
+        raise ValueError(f"--prior-steps, --prior-guidance and --embedding are unclip's; the {pipe.family} pipeline "
+                         f"has no prior")
     return pipe.settings_with(preset=args.preset or preset, sampler=args.sampler, steps=args.steps, eta=args.eta,
                               guidance=args.guidance, spacing=args.spacing, dynamic_threshold=args.dynamic_threshold,
-                              threshold_ratio=args.threshold_ratio, threshold_max=args.threshold_max)
+                              threshold_ratio=args.threshold_ratio, threshold_max=args.threshold_max, **unclip)

@@ -58,6 +58,8 @@ class ModelConfig:
     padding: str = "masked"  # masked: padding is hidden from the text encoder and from cross-attention (ours) |
     #                          attended: all max_length positions are read, padding included (Stable Diffusion v1:
     #                          CLIP pads with <|endoftext|> to 77 tokens, and the U-Net attends to all 77)
+    image_embed_dim: int = 0  # >0: unCLIP's decoder (models/unclip_decoder.py), also conditioned on a CLIP image
+    #                           embedding z_i of this width (the embed_dim of the frozen CLIP of text_encoder)
 
 
 class FrozenTextEncoder(nn.Module):
@@ -176,7 +178,8 @@ def use_frozen_text_encoder(cfg):
     cfg.text = frozen["text"]
     cfg.tokenizer = TokenizerConfig(vocab_size=frozen["tokenizer"].vocab_size)
     t = cfg.text
-    if cfg.unet.context_dim != t.width or cfg.unet.pooled_dim not in (0, t.width):  # fail before loading data
+    unclip = getattr(cfg, "image_embed_dim", 0)  # unCLIP's decoder projects the CLIP outputs (models/unclip_decoder.py)
+    if not unclip and (cfg.unet.context_dim != t.width or cfg.unet.pooled_dim not in (0, t.width)):  # before the data
         raise ValueError(f"unet.context_dim ({cfg.unet.context_dim}) must equal the width of the frozen encoder "
                          f"{cfg.text_encoder} ({t.width}) and unet.pooled_dim ({cfg.unet.pooled_dim}) be 0 or that "
                          f"width; set unet.context_dim={t.width}")
@@ -189,6 +192,15 @@ def use_frozen_text_encoder(cfg):
 def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextConditionedUNet:
     """frozen: the dict of load_frozen_text_encoder, whose weights go into the frozen encoder (None: joint or lstm,
     or the weights come later from a diffusion checkpoint)."""
+    if model_cfg.image_embed_dim:  # unCLIP's decoder: the frozen CLIP text tower, the z_i projections, the U-Net
+        from models.unclip_decoder import UnCLIPDecoder  # (imported here: it builds on this module's classes)
+        if not model_cfg.text_encoder.startswith("clip:"):
+            raise ValueError(f"unCLIP's decoder (image_embed_dim={model_cfg.image_embed_dim}) reads the caption "
+                             f"through its CLIP: set text_encoder=clip:<the CLIP checkpoint>")
+        model = UnCLIPDecoder(FrozenTextEncoder("clip", model_cfg.text), model_cfg.unet, model_cfg.image_embed_dim)
+        if frozen is not None:
+            load_weights(model.text_encoder.encoder, frozen["weights"], "clip text encoder weights")
+        return model
     if model_cfg.text_encoder not in JOINT:
         model = TextConditionedUNet(model_cfg.text, model_cfg.unet, model_cfg.text_encoder, model_cfg.padding)
         if frozen is not None:
@@ -286,14 +298,19 @@ class Text2Image:
                        sample_max_value=cap)
 
     @torch.no_grad()
-    def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True):
+    def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True, image_embed=None):
         """Prompts -> pictures (B, 3, H, W) in [-1, 1]. Noise and sampler noise come only from `generator`, so the
-        same seed gives the same pixels."""
+        same seed gives the same pixels. image_embed (B, E): the CLIP image embeddings an unCLIP decoder reads
+        (models/unclip.py gives them); guidance then contrasts them and the prompt with both dropped."""
         settings = settings or self.settings
         weight = next(self.model.unet.parameters())
         device, dtype = weight.device, weight.dtype  # the networks run in their weights' dtype (see cast)
         ids, mask = self.tokenizer(list(prompts), max_length=self.model.text_encoder.cfg.max_length, truncate=truncate)
-        cond = self.model.encode_text(ids.to(device), mask.to(device))
+        if (image_embed is None) != (self.model_cfg.image_embed_dim == 0):
+            raise ValueError("an unCLIP decoder samples from CLIP image embeddings and a text-to-image U-Net without "
+                             "them; use --pipeline unclip for a decoder")
+        cond = self.model.encode_text(ids.to(device), mask.to(device), Conditioning(
+            image_embed=None if image_embed is None else image_embed.to(device, dtype)))
         u = self.model.unet.cfg
         x_T = torch.randn(len(prompts), u.out_channels, u.image_size, u.image_size, generator=generator,
                           device=device)  # (B, C, H, W), float32: the sampler's arithmetic stays in float32
@@ -317,7 +334,8 @@ def load_text2image(ckpt, device, use_ema=True, vae_path=None) -> Text2Image:
     """A diffusion checkpoint dict -> Text2Image in eval mode. A latent checkpoint also loads its VAE: from
     `vae_path`, else from the path stored at training, and checks it is the VAE the U-Net was trained on."""
     model_cfg = config_from_dict(ModelConfig, {k: ckpt["config"][k] for k in ("tokenizer", "text", "unet",
-                                                                            "schedule", "text_encoder", "padding")
+                                                                            "schedule", "text_encoder", "padding",
+                                                                            "image_embed_dim")
                                                if k in ckpt["config"]})  # text_encoder: absent before issue 3
     sampler_cfg = config_from_dict(SamplerConfig, ckpt["config"]["sampler"])
     tokenizer = BPETokenizer.from_state_dict(ckpt["tokenizer"])

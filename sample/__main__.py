@@ -19,6 +19,12 @@ another. Presets (models/text2image.py PRESETS):
 Any flag (--steps, --guidance, ...) overrides the preset; without a preset the sampler settings stored in the
 checkpoint are used.
 
+unCLIP (--pipeline unclip, models/unclip.py) also decodes CLIP image embeddings that no prompt gave:
+    --variations A.png [B.png ...]   each image's CLIP embedding decoded with --n noises (one row per image, the
+                                     image itself first)                            (Ramesh et al. 2022, Sec. 3.1)
+    --interpolate X Y                two prompts, or two image files: --n pictures along the slerp of their
+                                     embeddings (the prior's z_i of a prompt), one noise for all    (Fig. 4)
+
 Writes the grid to --out and every image as its own PNG into a folder beside it (grid/0000.png, ...), with
 a metadata.jsonl (file_name, text) so the folder is a Hugging Face `imagefolder` that the metrics read.
 The same seed gives the same pixels. Refuses to overwrite existing outputs unless --overwrite is given.
@@ -27,6 +33,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -59,12 +66,70 @@ def build_parser():
     p.add_argument("--truncate", action="store_true", help="cut prompts over the token limit instead of failing")
     p.add_argument("--out", default="samples.png", help="grid image path; single images go to <out stem>/")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--variations", nargs="+", metavar="IMAGE", help="unclip: images whose variations to draw")
+    p.add_argument("--interpolate", nargs="+", metavar="X", help="unclip: two prompts or two images to interpolate")
     return p
+
+
+def read_images(paths, resolution):
+    """Image files -> uint8 (B, 3, R, R); a file that is not an image, or not R x R, is a one-line error."""
+    from PIL import UnidentifiedImageError
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            image = Image.open(path).convert("RGB")
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"{path} is not an image file; give a PNG or JPEG of {resolution}x{resolution}") from None
+        if image.size != (resolution, resolution):
+            raise ValueError(f"{path} is {image.size[0]}x{image.size[1]} but the CLIP reads {resolution}x{resolution} "
+                             f"images; resize it first")
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+    return torch.stack(images)  # (B, 3, R, R)
+
+
+def embeddings_grid(pipe, args, settings, g):
+    """--variations / --interpolate (unclip only) -> (images (N, 3, H, W), nrow, captions)."""
+    if pipe.family != "unclip":
+        raise ValueError(f"--variations and --interpolate decode CLIP image embeddings: use --pipeline unclip, not "
+                         f"{pipe.family}")
+    if args.variations and args.interpolate:
+        raise ValueError("pass --variations or --interpolate, not both")
+    R = pipe.clip.cfg.vision.image_size
+    if args.variations:
+        sources = read_images(args.variations, R)
+        made = pipe.variations(sources, args.n, settings, g).view(len(sources), args.n, 3, pipe.resolution,
+                                                                  pipe.resolution)
+        shown = torch.nn.functional.interpolate(sources.float() / 127.5 - 1, size=pipe.resolution)[:, None]
+        images = torch.cat([shown, made], dim=1).flatten(0, 1)  # (B * (n + 1), 3, H, W): the source, its variations
+        return images, args.n + 1, [f"variation of {Path(p).name}" for p in args.variations for _ in range(args.n + 1)]
+    if len(args.interpolate) != 2:
+        raise ValueError(f"--interpolate takes two endpoints (two prompts or two image files), got "
+                         f"{len(args.interpolate)}")
+    if args.n < 2:
+        raise ValueError("--interpolate needs --n of at least 2 (the two ends)")
+    are_files = [Path(x).is_file() for x in args.interpolate]
+    if all(are_files):
+        z = embed_images_of(pipe, read_images(args.interpolate, R))
+    elif any(are_files):
+        raise ValueError("--interpolate takes two prompts or two image files, not one of each")
+    else:
+        pipe.check_prompts(args.interpolate, truncate=args.truncate)
+        z = pipe.image_embeddings(args.interpolate, settings, g, truncate=args.truncate)  # (2, E)
+    images = pipe.interpolate(z[:1], z[1:], args.n, settings, g)
+    return images, args.n, [f"{args.interpolate[0]} -> {args.interpolate[1]} ({i}/{args.n - 1})" for i in range(args.n)]
+
+
+def embed_images_of(pipe, images):
+    from models.clip import embed_images
+    return embed_images(pipe.clip, images)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    prompts = read_prompts(args)
+    embeddings = bool(args.variations or args.interpolate)
+    prompts = [] if embeddings else read_prompts(args)
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be at least 1")
     out = Path(args.out)
@@ -77,18 +142,23 @@ def main(argv=None):
     settings = settings_from_args(pipe, args, preset)
     pipe.check_prompts(prompts, truncate=args.truncate)  # fail on every bad prompt before any compute
 
-    all_prompts = [p for p in prompts for _ in range(args.n)]
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"{pipe.family} pipeline, {pipe.resolution} px: {settings}", flush=True)
-    images = []
-    for i in range(0, len(all_prompts), args.batch_size):
-        chunk = all_prompts[i: i + args.batch_size]
-        print(f"sampling {i + len(chunk)}/{len(all_prompts)}", flush=True)
-        images.append(pipe(chunk, settings, generator=g, truncate=args.truncate).cpu())
-    images = torch.cat(images)  # (len(prompts) * n, 3, H, W)
+    nrow = args.n
+    if embeddings:
+        images, nrow, all_prompts = embeddings_grid(pipe, args, settings, g)
+        images = images.cpu()
+    else:
+        all_prompts = [p for p in prompts for _ in range(args.n)]
+        images = []
+        for i in range(0, len(all_prompts), args.batch_size):
+            chunk = all_prompts[i: i + args.batch_size]
+            print(f"sampling {i + len(chunk)}/{len(all_prompts)}", flush=True)
+            images.append(pipe(chunk, settings, generator=g, truncate=args.truncate).cpu())
+        images = torch.cat(images)  # (len(prompts) * n, 3, H, W)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow=args.n).save(out)
+    image_grid(images, nrow=nrow).save(out)
     single_dir.mkdir(parents=True, exist_ok=True)
     for old in single_dir.glob("[0-9][0-9][0-9][0-9].png"):  # --overwrite: an earlier, larger run's images
         old.unlink()                                          # must not stay behind without a caption

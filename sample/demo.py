@@ -37,18 +37,20 @@ import torch
 
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
-from sample import demo_ldm
+from sample import demo_ldm, demo_unclip
 from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
-FAMILIES = ("ldm",)  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
+FAMILIES = ("ldm", "unclip")  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
 
 
 def family_module(name):
     if name == "ldm":
         return demo_ldm
+    if name == "unclip":
+        return demo_unclip
     raise ValueError(f"unknown family '{name}'; use one of {', '.join(FAMILIES)}")
 
 
@@ -163,7 +165,8 @@ def run_family(args, name):
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
     for line in summary_lines(report):
         print("  " + line)
-    report.update(family.report(runs, classifier, min(1000, args.fid_images)))
+    report.update(family.report(runs, classifier, min(1000, args.fid_images), model=model, demo=demo,
+                                accuracy_n=args.accuracy_n))
     (demo / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"  pictures: {demo / 'samples.png'} (one row per prompt), "
           f"{demo / 'prompt_accuracy_heldin.png'}, {demo / 'prompt_accuracy_heldout.png'}, {demo / 'generated'}/")

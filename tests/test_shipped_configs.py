@@ -11,12 +11,15 @@ from models.unet import UNet
 from train import diffusion
 from train.classifier import ClassifierTrainConfig
 from train.clip import ClipTrainConfig
+from train.prior import PriorTrainConfig
+from models.unclip import UnCLIPPipelineConfig
 from train.text_lm import TextLMTrainConfig
 from train.vae import VAETrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
-         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline": DiffusionPipelineConfig}
+         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline_unclip": UnCLIPPipelineConfig,
+         "pipeline": DiffusionPipelineConfig, "prior": PriorTrainConfig, "decoder": diffusion.DiffusionConfig}
 
 
 def kind_of(path):
@@ -32,11 +35,12 @@ def test_shipped_config_loads(path):
     if isinstance(cfg, diffusion.DiffusionConfig):
         diffusion.check_config(cfg)
         if cfg.space == "latent":  # diffusion_latent[_x].yaml fits the latents of vae[_x].yaml
-            vae_cfg = load_config(VAETrainConfig, path.with_name(path.stem.replace("diffusion_latent", "vae") + ".yaml"))
+            vae_name = "vae" if path.stem == "decoder_unclip" else path.stem.replace("diffusion_latent", "vae")
+            vae_cfg = load_config(VAETrainConfig, path.with_name(vae_name + ".yaml"))
             assert vae_cfg.data.resolution == cfg.data.resolution
             diffusion.check_latent_config(cfg, vae_cfg.vae)
         UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
-    if isinstance(cfg, DiffusionPipelineConfig):
+    if isinstance(cfg, (DiffusionPipelineConfig, UnCLIPPipelineConfig)):
         assert cfg.preset in PRESETS
 
 

@@ -20,6 +20,13 @@ encoder's posterior of the image; mu and sigma of every training image are compu
 and z is drawn afresh at each step (as LDM's DiagonalGaussianDistribution.sample). The U-Net works at
 resolution / factor with the VAE's latent channels; the checkpoint keeps the VAE's path and fingerprint.
 
+unCLIP's decoder (Ramesh et al. 2022, arXiv 2204.06125, Sec. 2.1; models/unclip_decoder.py): with
+`image_embed_dim: E` and `text_encoder: clip:<ckpt>` the U-Net also reads the CLIP image embedding z_i of its
+training image (computed once with the frozen CLIP's image tower); z_i is dropped with probability
+train.image_drop_prob (the paper: 0.1) and, independently, the caption with train.cond_drop_prob (0.5). The
+checkpoint keeps the CLIP's fingerprint, so the unclip pipeline refuses a prior trained on another CLIP.
+    python -m train.diffusion --config configs/shapes/decoder_unclip.yaml
+
 Loop (Algorithm 1 with conditioning dropout):
     x_0, caption ~ data;  t ~ Uniform{0..T-1};  eps ~ N(0, I)
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                (Eq. 4)
@@ -64,6 +71,7 @@ class DiffusionTrain(TrainConfig):
     log_every: int = 50           # steps between a log line / tensorboard scalars
     ema_decay: float = 0.999      # EMA of the weights, used for sampling
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
+    image_drop_prob: float = 0.0  # unCLIP's decoder: z_i replaced by its learned null (the paper: 0.1, the caption 0.5)
     snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
     snr_plus_one: bool = False    # v-prediction: clamp SNR + 1, not SNR (sd-scripts' variant; see min_snr_weight)
     timesteps: str = "uniform"    # uniform (DDPM Algorithm 1) | logit_normal (SD3 Sec. 3.1; see sample_timesteps)
@@ -84,6 +92,8 @@ class DiffusionConfig:
     text_encoder: str = "joint"  # joint (transformer) | lstm (bi-LSTM): trained here | clip:<ckpt> | lm:<ckpt>: frozen
                                  # (models/text2image.py)
     space: str = "pixel"         # pixel | latent (denoise the latents of the frozen VAE `vae`)
+    image_embed_dim: int = 0     # >0: unCLIP's decoder, also conditioned on the CLIP image embedding z_i of the frozen
+                                 # CLIP of text_encoder=clip:<ckpt> (its embed_dim); 0: text only
     vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
     # the pipeline's default settings (python -m sample, the metrics): DDIM 50 steps, guidance 3; in pixel space
     # x0_hat is clipped to [-1, 1] as in DDPM's code and diffusers' default (an undertrained model's x0_hat at high
@@ -108,6 +118,11 @@ def check_config(cfg):
             raise ValueError("latents are not bounded to [-1, 1]; set sampler.clip_sample=false and "
                              "sampler.thresholding=false for space=latent")
     check_train_config(cfg.train)
+    if cfg.image_embed_dim and not cfg.text_encoder.startswith("clip:"):
+        raise ValueError(f"image_embed_dim={cfg.image_embed_dim} (unCLIP's decoder) reads its CLIP's embeddings: set "
+                         f"text_encoder=clip:<the CLIP checkpoint>")
+    if cfg.train.image_drop_prob and not cfg.image_embed_dim:
+        raise ValueError("train.image_drop_prob drops unCLIP's image embedding; set image_embed_dim or drop it")
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
@@ -162,8 +177,17 @@ def main(argv=None):
         check_latent_config(cfg, vae_cfg)
         fingerprint = vae_fingerprint(vae, scale_factor)
     frozen = use_frozen_text_encoder(cfg)  # None for joint and lstm; else the encoder, its tokenizer, its sizes in cfg.text
+    clip = None
+    if cfg.image_embed_dim:  # unCLIP's decoder: the whole CLIP, for the image embeddings of the training images
+        from models.clip import clip_fingerprint, embed_images, load_clip
+        clip, _, clip_cfg = load_clip(cfg.text_encoder.partition(":")[2])
+        if clip_cfg.embed_dim != cfg.image_embed_dim:
+            raise ValueError(f"image_embed_dim ({cfg.image_embed_dim}) must be the CLIP's embed_dim "
+                             f"({clip_cfg.embed_dim}); set image_embed_dim={clip_cfg.embed_dim}")
+        clip_print = {"path": cfg.text_encoder.partition(":")[2], "sha256": clip_fingerprint(clip)}
     tc = cfg.train
-    fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space")  # train, sampler may change
+    fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space", "image_embed_dim")
+    # (train and sampler may change)
     out_dir, resumed = open_run(cfg, config_path, "diffusion", fixed, "diffusion")
     if resumed and vae is not None and resumed.get("vae") != fingerprint:
         raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the latents of another VAE than "
@@ -195,8 +219,15 @@ def main(argv=None):
             print(f"encoded {len(data)} images to {tuple(latent_mean.shape[1:])} latents; scale factor "
                   f"{scale_factor:.4f} (scaled latent std {(latent_mean * scale_factor).std():.3f})", flush=True)
 
+    if clip is not None:
+        image_embeds = embed_images(clip.to(device), data.images).cpu()  # (N, E) unit z_i, computed once
+        del clip
+        if is_main:
+            print(f"cached the CLIP image embeddings of {len(data)} images", flush=True)
+
     # ---- model, optimizer, EMA
-    model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder)
+    model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder,
+                            image_embed_dim=cfg.image_embed_dim)
     model = build_model(model_cfg, tokenizer.vocab_size, frozen).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -219,7 +250,8 @@ def main(argv=None):
     def checkpoint(step):
         save_checkpoint(ckpt_path, training_state("diffusion", cfg, step, model, optimizer, ema,
                                                   tokenizer=tokenizer.state_dict(),
-                                                  **({"vae": fingerprint} if vae is not None else {})))
+                                                  **({"vae": fingerprint} if vae is not None else {}),
+                                                  **({"clip": clip_print} if cfg.image_embed_dim else {})))
 
     def sample_grid(step):
         sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
@@ -227,7 +259,12 @@ def main(argv=None):
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
         pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, config_to_dict(cfg.data), vae,
                           scale_factor if vae is not None else 1.0)
-        images = pipe(prompts, generator=g, progress=False)
+        embeds = None
+        if cfg.image_embed_dim:  # unCLIP's decoder: the first training images' z_i with their captions, twice each
+            n = len(tc.sample_prompts)
+            prompts = [data.captions[i] for i in range(n) for _ in range(2)]
+            embeds = image_embeds[torch.arange(n).repeat_interleave(2)]  # (2n, E)
+        images = pipe(prompts, generator=g, progress=False, truncate=True, image_embed=embeds)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
         (out_dir / "samples").mkdir(exist_ok=True)
         grid.save(out_dir / "samples" / f"step_{step:07d}.png")
@@ -254,10 +291,16 @@ def main(argv=None):
         t = sample_timesteps(tc, cfg.schedule.num_train_timesteps, local_batch, g, device)  # (b,)
         noise = torch.randn(x0.shape, generator=g, device=device)
         drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob
+        if cfg.image_embed_dim:  # unCLIP Sec. 2.1: z_i and the caption dropped independently
+            drop_image = torch.rand(local_batch, generator=g, device=device) < tc.image_drop_prob
         set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
-            pred = ddp_model(x_t, t, ids, mask, Conditioning(drop=drop))
+            if cfg.image_embed_dim:
+                pred = ddp_model(x_t, t, ids, mask, Conditioning(image_embed=image_embeds[idx].to(device)),
+                                 drop_text=drop, drop_image=drop_image)
+            else:
+                pred = ddp_model(x_t, t, ids, mask, Conditioning(drop=drop))
             err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
             if tc.snr_gamma:
                 err = err * schedule.min_snr_weight(t, tc.snr_gamma, tc.snr_plus_one)  # Hang et al. Eq. 9
