@@ -35,16 +35,18 @@ import torch
 
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
-from sample import demo_ldm
+from sample import demo_dalle, demo_ldm
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
-FAMILIES = ("ldm",)  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
+FAMILIES = ("ldm", "dalle")  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
 
 
 def family_module(name):
     if name == "ldm":
         return demo_ldm
+    if name == "dalle":
+        return demo_dalle
     raise ValueError(f"unknown family '{name}'; use one of {', '.join(FAMILIES)}")
 
 
