@@ -107,6 +107,8 @@ class DallePipeline:
         if given:
             raise ValueError(f"{', '.join(given)} belong to the diffusion samplers; the dalle pipeline takes "
                              f"--guidance, --temperature, --top-k, --top-p and --candidates")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {top_k}; leave it out for no top-k filter")
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"unknown preset '{preset}'; use one of {', '.join(sorted(PRESETS))}")
         cfg = replace(self.settings, **PRESETS[preset]) if preset else self.settings

@@ -78,10 +78,11 @@ def reranking_curve(runs, classifier, candidates=CANDIDATES, n=2, seed=0, out=No
             expected = [a for _, a in prompts for _ in range(n)]
             g = torch.Generator().manual_seed(seed)
             judgements = []
-            for i in range(0, len(captions), 64):
-                images = pipe(captions[i: i + 64], settings, generator=g, progress=False)
-                judgements += [judge(e, d) for e, d in zip(expected[i: i + 64], predict_attributes(clf, images))]
-                scores.append(clip_scores(judge_clip, judge_tok, images, captions[i: i + 64]))
+            chunk = max(1, 512 // N)  # captions per call: at most 512 sequences in the KV cache at once
+            for i in range(0, len(captions), chunk):
+                images = pipe(captions[i: i + chunk], settings, generator=g, progress=False)
+                judgements += [judge(e, d) for e, d in zip(expected[i: i + chunk], predict_attributes(clf, images))]
+                scores.append(clip_scores(judge_clip, judge_tok, images, captions[i: i + chunk]))
             summary = summarise(judgements)
             row[name] = {k: summary[k] for k in ("colour", "shape") if k in summary}
         row["clip_score"] = 100 * torch.cat(scores).mean().item()  # torchmetrics' convention, the judge CLIP
@@ -117,12 +118,15 @@ def plot_curve(curve, path):
 
 
 def report(runs, classifier, num_images):
-    """The dVAE's held-out PSNR and codebook usage, the transformer's final losses, and the re-ranking curve."""
+    """The dVAE's held-out PSNR and codebook usage, and the re-ranking curve (N = 1 and 4 only, one picture per
+    prompt, when num_images < 100: the demo's --smoke)."""
     dvae = load_checkpoint(runs / "dvae" / "ckpt.pt", "dvae")
     print(f"  dVAE PSNR {dvae.get('psnr'):.2f} dB; codebook perplexity {dvae.get('perplexity'):.1f}, "
           f"{dvae.get('codes_used')} of {dvae['config']['dvae']['vocab_size']} codes used (held-out)")
     demo = runs / "demo" / "dalle"
-    curve = reranking_curve(runs, classifier, out=demo / "reranking.png")
+    small = num_images < 100
+    curve = reranking_curve(runs, classifier, candidates=CANDIDATES[:2] if small else CANDIDATES, n=1 if small else 2,
+                            out=demo / "reranking.png")
     (demo / "reranking.json").write_text(json.dumps(curve, indent=2) + "\n")
     print(f"  re-ranking curve: {demo / 'reranking.png'}")
     return {"dvae": {"psnr_db": dvae.get("psnr"), "perplexity": dvae.get("perplexity"),
