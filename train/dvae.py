@@ -49,6 +49,9 @@ class DVAELossConfig:
     hard: bool = False            # straight-through: one-hot codes forward, the relaxed gradient backward
     diversity_weight: float = 0.0  # weight of KL(batch-mean posterior || uniform), wav2vec 2.0's diversity loss
                                    # (not in DALL-E; models/dvae.py diversity_penalty): keeps the codebook in use
+    diversity_steps: int = 0       # 0 = a constant diversity weight; else it falls to 0 along a cosine over these
+                                   # steps: the codebook is spread early, then each posterior may sharpen (the term
+                                   # is also lowest when every q(z | x) is uniform, which blurs the codes)
     logit_init_scale: float = 1.0  # the encoder's last conv starts this many times larger: logits that outweigh
                                    # the gumbel noise (std 1.28) from step 0, so codes depend on the image (else
                                    # the decoder learns the mean image and the codebook collapses; dvae.yaml)
@@ -179,8 +182,10 @@ def main(argv=None):
         set_learning_rate(optimizer, tc, step)
         tau = cosine_schedule(step, lc.tau_steps, lc.tau_start, lc.tau_end)    # App. A.2
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2
+        diversity = (cosine_schedule(step, lc.diversity_steps, lc.diversity_weight, 0.0) if lc.diversity_steps
+                     else lc.diversity_weight)
         with autocast(device, tc.bf16):
-            loss, parts = model(x, tau, beta, hard=lc.hard, generator=g, diversity=lc.diversity_weight)  # -ELB (Eq. 1) per pixel
+            loss, parts = model(x, tau, beta, hard=lc.hard, generator=g, diversity=diversity)  # -ELB (Eq. 1) per pixel
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
