@@ -34,14 +34,15 @@ import torch
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.runtime import get_device
+from models.dalle_pipeline import DallePipelineConfig, load_dalle_pipeline
 from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
 from models.unclip import UnCLIPPipelineConfig, load_unclip
 
-FAMILIES = ("pixel", "ldm", "unclip")  # the names --pipeline accepts; every family adds its own
+FAMILIES = ("pixel", "ldm", "dalle", "unclip")  # the names --pipeline accepts; every family adds its own
 PRESET_NAMES = ("fast", "quality", "creative")  # every family defines these three (its `presets`)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SAMPLEABLE_KINDS = ("diffusion",)  # checkpoint kinds a pipeline can be built from alone
+SAMPLEABLE_KINDS = ("diffusion", "dalle")  # checkpoint kinds a pipeline can be built from alone
 
 
 @dataclass
@@ -53,8 +54,10 @@ class DiffusionPipelineConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N | mps
 
 
-PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig, "unclip": UnCLIPPipelineConfig}
-DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml", "unclip": "configs/shapes/pipeline_unclip.yaml"}
+PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig, "dalle": DallePipelineConfig,
+                    "unclip": UnCLIPPipelineConfig}
+DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml", "dalle": "configs/shapes/pipeline_dalle.yaml",
+                   "unclip": "configs/shapes/pipeline_unclip.yaml"}
 
 
 def load_pipeline(path, device="cpu", use_ema=True, vae=None):
@@ -66,6 +69,8 @@ def load_pipeline(path, device="cpu", use_ema=True, vae=None):
                          f"--config configs/shapes/pipeline_unclip.yaml")
     if ckpt["kind"] == "diffusion":
         return load_text2image(ckpt, device, use_ema=use_ema, vae_path=vae)
+    if ckpt["kind"] == "dalle":
+        return load_dalle_pipeline(path, device, use_ema=use_ema, dvae=vae)
     raise AssertionError(f"no pipeline for checkpoint kind {ckpt['kind']!r}")  # load_checkpoint checked the kind
 
 
@@ -86,6 +91,9 @@ def load_family_pipeline(family, cfg, device, use_ema=True):
         return pipe, cfg.preset or None
     if family == "unclip":
         return load_unclip(cfg, device, use_ema=use_ema), cfg.preset or None
+    if family == "dalle":
+        return load_dalle_pipeline(cfg.dalle, device, use_ema=use_ema, dvae=cfg.dvae or None,
+                                   clip=cfg.clip or None), cfg.preset or None
     raise AssertionError(f"unhandled family {family!r}")  # pipeline_config checked the name
 
 
@@ -99,6 +107,7 @@ def add_pipeline_arguments(parser):
     parser.add_argument("--prior", help="unclip: the prior checkpoint instead of the config's")
     parser.add_argument("--vae", help="latent diffusion: the VAE checkpoint (default: the config's, else the one "
                         "stored at training)")
+    parser.add_argument("--rerank-clip", help="dalle: the re-ranking CLIP checkpoint (default: the config's clip)")
     parser.add_argument("--weights", help="Stable Diffusion v1 weights (with --pipeline ldm): a diffusers folder or a "
                         "CompVis .safetensors / .ckpt file")
     parser.add_argument("--tokenizer", help="with --weights FILE: CLIP's vocabulary, a tokenizer/ folder (vocab.json, "
@@ -127,6 +136,8 @@ def named_pipeline(args):
         device = get_device(args.device or "auto")
         return load_stable_diffusion(args.weights, device, DTYPES[args.dtype], args.tokenizer,
                                      use_ema=not args.no_ema), None, device
+    if getattr(args, "rerank_clip", None) and args.pipeline != "dalle":
+        raise ValueError("--rerank-clip is the dalle pipeline's re-ranking CLIP; pass it with --pipeline dalle")
     if args.config and not args.pipeline:
         raise ValueError("--config is a pipeline config; pass --pipeline NAME with it")
     if not args.pipeline:
@@ -138,10 +149,12 @@ def named_pipeline(args):
     if config is None and not args.ckpt:
         raise ValueError(f"--pipeline {args.pipeline} needs --config FILE (or --ckpt for a single checkpoint)")
     cfg = pipeline_config(args.pipeline, config)
-    main_ckpt = "decoder" if args.pipeline == "unclip" else "diffusion"
+    main_ckpt = {"unclip": "decoder", "dalle": "dalle"}.get(args.pipeline, "diffusion")
     if args.prior and args.pipeline != "unclip":
         raise ValueError(f"--prior names unclip's prior; the {args.pipeline} pipeline has none")
-    cfg = replace(cfg, **{k: v for k, v in ((main_ckpt, args.ckpt), ("vae", args.vae), ("prior", args.prior)) if v})
+    decoder = "dvae" if args.pipeline == "dalle" else "vae"
+    cfg = replace(cfg, **{k: v for k, v in ((main_ckpt, args.ckpt), (decoder, args.vae), ("prior", args.prior),
+                                            ("clip", args.rerank_clip)) if v})
     device = get_device(args.device or cfg.device)
     pipe, preset = load_family_pipeline(args.pipeline, cfg, device, use_ema=not args.no_ema)
     return pipe, preset, device
@@ -167,6 +180,11 @@ def add_sampling_flags(p):
     p.add_argument("--prior-guidance", type=float, help="unclip: the prior's classifier-free guidance scale")
     p.add_argument("--embedding", choices=["prior", "text", "true"], help="unclip: what the decoder reads: the "
                    "prior's z_i, z_t itself (no prior), or the z_i of a render that shows the prompt (upper bound)")
+    p.add_argument("--temperature", type=float, help="dalle: divide the logits by this before the filters")
+    p.add_argument("--top-k", type=int, help="dalle: keep the k most probable image tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="dalle: nucleus sampling, keep the smallest set with this mass (1 = off)")
+    p.add_argument("--candidates", type=int, help="dalle: draw N candidates per picture and keep the best by the "
+                   "re-ranking CLIP (DALL-E Sec. 2.3)")
 
 
 def settings_from_args(pipe, args, preset=None):
@@ -176,6 +194,15 @@ def settings_from_args(pipe, args, preset=None):
     if unclip and pipe.family != "unclip":
         raise ValueError(f"--prior-steps, --prior-guidance and --embedding are unclip's; the {pipe.family} pipeline "
                          f"has no prior")
+    dalle_flags = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                   "candidates": args.candidates}
+    if pipe.family == "dalle":
+        return pipe.settings_with(preset=args.preset or preset, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                  guidance=args.guidance, spacing=args.spacing, dynamic_threshold=args.dynamic_threshold,
+                                  threshold_ratio=args.threshold_ratio, threshold_max=args.threshold_max, **dalle_flags)
+    given = [f"--{k.replace('_', '-')}" for k, v in dalle_flags.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to the dalle pipeline; drop them for {pipe.family}")
     return pipe.settings_with(preset=args.preset or preset, sampler=args.sampler, steps=args.steps, eta=args.eta,
                               guidance=args.guidance, spacing=args.spacing, dynamic_threshold=args.dynamic_threshold,
                               threshold_ratio=args.threshold_ratio, threshold_max=args.threshold_max, **unclip)

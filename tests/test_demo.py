@@ -110,3 +110,17 @@ def test_stop_ends_the_child_beside_the_vae(tmp_path):
     beside.stop()
     assert time.time() - t0 < 30 and beside.process.returncode not in (None, 0)  # terminated, not run to the end
     assert not (tmp_path / "c" / "ckpt.pt").exists()
+
+
+def test_dalle_demo_smoke_writes_the_shared_keys_and_the_reranking_curve(tmp_path):
+    demo.main(["--family", "dalle", "--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1",
+               "--accuracy-n", "1"])
+    folder = tmp_path / "demo" / "dalle"
+    report = json.loads((folder / "metrics.json").read_text())
+    assert report["family"] == "dalle"
+    assert {"prompt_accuracy", "fid", "clip_score", "stage_seconds", "total_seconds", "seconds_per_image"} <= set(report)
+    assert {"colour", "shape"} <= set(report["prompt_accuracy"]["heldin"]) and "heldout" in report["prompt_accuracy"]
+    assert list(report["stage_seconds"])[:5] == ["classifier", "dVAE", "judge CLIP", "re-ranking CLIP", "transformer"]
+    assert sorted(report["reranking"], key=int) == ["1", "4"] and (folder / "reranking.png").is_file()
+    dvae = load_checkpoint(tmp_path / "dvae" / "ckpt.pt", "dvae")
+    assert report["dvae"]["codes_used"] == dvae["codes_used"] and (folder / "samples.png").is_file()

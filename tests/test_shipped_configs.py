@@ -5,11 +5,15 @@ from pathlib import Path
 import pytest
 
 from core.config import load_config
+from models.dalle import check_config as check_dalle_config
+from models.dalle_pipeline import DallePipelineConfig, PRESETS as DALLE_PRESETS
 from models.pipeline import DiffusionPipelineConfig
 from models.text2image import PRESETS
 from models.unet import UNet
 from train import diffusion
 from train.classifier import ClassifierTrainConfig
+from train.dalle import DalleTrainConfig
+from train.dvae import DVAETrainConfig, check_config as check_dvae_config
 from train.clip import ClipTrainConfig
 from train.prior import PriorTrainConfig
 from models.unclip import UnCLIPPipelineConfig
@@ -19,6 +23,7 @@ from train.vae import VAETrainConfig
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
          "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline_unclip": UnCLIPPipelineConfig,
+         "pipeline_dalle": DallePipelineConfig, "dalle": DalleTrainConfig, "dvae": DVAETrainConfig,
          "pipeline": DiffusionPipelineConfig, "prior": PriorTrainConfig, "decoder": diffusion.DiffusionConfig}
 
 
@@ -42,6 +47,17 @@ def test_shipped_config_loads(path):
         UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
     if isinstance(cfg, (DiffusionPipelineConfig, UnCLIPPipelineConfig)):
         assert cfg.preset in PRESETS
+    if isinstance(cfg, DallePipelineConfig):
+        assert cfg.preset in DALLE_PRESETS
+    if isinstance(cfg, DVAETrainConfig):
+        check_dvae_config(cfg)
+    if isinstance(cfg, DalleTrainConfig):
+        check_dalle_config(cfg.model)
+        cfg.sampling.check()
+        if path.stem == "dalle":  # the tiny preset fits the tokens of the tiny dVAE
+            dvae_cfg = load_config(DVAETrainConfig, path.with_name("dvae.yaml"))
+            assert dvae_cfg.dvae.vocab_size == cfg.model.image_vocab
+            assert dvae_cfg.data.resolution // dvae_cfg.dvae.factor == cfg.model.image_size
 
 
 def test_every_kind_is_shipped():
