@@ -34,10 +34,11 @@ import torch
 from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.runtime import get_device
+from models.imagen import ImagenPipelineConfig, load_imagen
 from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
 
-FAMILIES = ("pixel", "ldm")  # the names --pipeline accepts; every family adds its own
+FAMILIES = ("pixel", "ldm", "imagen")  # the names --pipeline accepts; every family adds its own
 PRESET_NAMES = ("fast", "quality", "creative")  # every family defines these three (its `presets`)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLEABLE_KINDS = ("diffusion",)  # checkpoint kinds a pipeline can be built from alone
@@ -52,8 +53,8 @@ class DiffusionPipelineConfig:
     device: str = "auto"       # auto | cpu | cuda | cuda:N | mps
 
 
-PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig}
-DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml"}
+PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig, "imagen": ImagenPipelineConfig}
+DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml", "imagen": "configs/shapes/pipeline_imagen.yaml"}
 
 
 def load_pipeline(path, device="cpu", use_ema=True, vae=None):
@@ -61,6 +62,9 @@ def load_pipeline(path, device="cpu", use_ema=True, vae=None):
     decoder (default: the one stored at training)."""
     ckpt = load_checkpoint(path, SAMPLEABLE_KINDS)
     if ckpt["kind"] == "diffusion":
+        if ckpt["config"].get("low_res"):
+            raise ValueError(f"{path} is a super-resolution stage of a cascade (low_res {ckpt['config']['low_res']}); "
+                             f"sample it with --pipeline imagen --config FILE naming it as sr1 or sr2")
         return load_text2image(ckpt, device, use_ema=use_ema, vae_path=vae)
     raise AssertionError(f"no pipeline for checkpoint kind {ckpt['kind']!r}")  # load_checkpoint checked the kind
 
@@ -80,6 +84,8 @@ def load_family_pipeline(family, cfg, device, use_ema=True):
             raise ValueError(f"--pipeline {family} needs a {'latent' if family == 'ldm' else 'pixel'}-space diffusion "
                              f"checkpoint but {cfg.diffusion} is {'latent' if pipe.family == 'ldm' else 'pixel'}-space")
         return pipe, cfg.preset or None
+    if family == "imagen":
+        return load_imagen(cfg, device, use_ema=use_ema), cfg.preset or None
     raise AssertionError(f"unhandled family {family!r}")  # pipeline_config checked the name
 
 
@@ -131,7 +137,10 @@ def named_pipeline(args):
     if config is None and not args.ckpt:
         raise ValueError(f"--pipeline {args.pipeline} needs --config FILE (or --ckpt for a single checkpoint)")
     cfg = pipeline_config(args.pipeline, config)
-    cfg = replace(cfg, **{k: v for k, v in (("diffusion", args.ckpt), ("vae", args.vae)) if v})
+    if args.pipeline == "imagen" and args.vae:
+        raise ValueError("--vae is for latent diffusion; an Imagen cascade is in pixel space, drop it")
+    key = "base" if args.pipeline == "imagen" else "diffusion"  # --ckpt: the (base) diffusion checkpoint
+    cfg = replace(cfg, **{k: v for k, v in ((key, args.ckpt), ("vae", args.vae)) if v})
     device = get_device(args.device or cfg.device)
     pipe, preset = load_family_pipeline(args.pipeline, cfg, device, use_ema=not args.no_ema)
     return pipe, preset, device

@@ -35,16 +35,18 @@ import torch
 
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
-from sample import demo_ldm
+from sample import demo_imagen, demo_ldm
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
-FAMILIES = ("ldm",)  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
+FAMILIES = ("ldm", "imagen")  # python -m sample.demo --family NAME; each family is a module sample/demo_<family>.py
 
 
 def family_module(name):
     if name == "ldm":
         return demo_ldm
+    if name == "imagen":
+        return demo_imagen
     raise ValueError(f"unknown family '{name}'; use one of {', '.join(FAMILIES)}")
 
 
