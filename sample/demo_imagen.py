@@ -36,7 +36,7 @@ def stages(runs, smoke):
     lm = runs / "text_lm" / "ckpt.pt"
     smoke_lm = ["train.steps=3", "data.num_images=64", "train.batch_size=16", "train.eval_captions=32"]
     out = [Stage("text LM", train.text_lm, CONFIGS / "text_lm.yaml", lm, "text_lm", train.text_lm.TextLMTrainConfig,
-                 smoke_lm if smoke else [])]
+                 smoke_lm if smoke else [], train.text_lm.FILLED_IN)]
     for title, key in (("base 16px", "base"), ("SR 16->32", "sr1"), ("SR 32->64", "sr2")):
         out.append(Stage(title, train.diffusion, CONFIGS / f"{NAMES[key]}.yaml", runs / NAMES[key] / "ckpt.pt",
                          "diffusion", train.diffusion.DiffusionConfig,

@@ -68,7 +68,8 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
     wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
-    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=filled_in)
+    # train.out_dir is where it was written, not what it is: a runs folder moved or linked elsewhere is still done
+    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=(*filled_in, "train.out_dir"))
     if changes:
         raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
                          f"its folder away or pass --runs <another folder>")

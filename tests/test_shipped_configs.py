@@ -3,8 +3,10 @@ right types) and passes the checks its script makes before it loads any data."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import load_config
+from models import imagen
 from models.pipeline import DiffusionPipelineConfig
 from models.text2image import PRESETS
 from models.unet import UNet
@@ -16,7 +18,8 @@ from train.vae import VAETrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
-         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline": DiffusionPipelineConfig}
+         "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "imagen_": diffusion.DiffusionConfig,
+         "pipeline_imagen": imagen.ImagenPipelineConfig, "pipeline": DiffusionPipelineConfig}
 
 
 def kind_of(path):
@@ -35,9 +38,12 @@ def test_shipped_config_loads(path):
             vae_cfg = load_config(VAETrainConfig, path.with_name(path.stem.replace("diffusion_latent", "vae") + ".yaml"))
             assert vae_cfg.data.resolution == cfg.data.resolution
             diffusion.check_latent_config(cfg, vae_cfg.vae)
-        UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
+        with torch.device("meta"):  # no memory: the paper-shaped Imagen base has 2.9B parameters
+            UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
     if isinstance(cfg, DiffusionPipelineConfig):
         assert cfg.preset in PRESETS
+    if isinstance(cfg, imagen.ImagenPipelineConfig):
+        assert cfg.preset in ("", *imagen.PRESETS) and len(cfg.steps) == len(cfg.guidance) == 3
 
 
 def test_every_kind_is_shipped():
