@@ -35,11 +35,12 @@ from core.checkpoint import load_checkpoint
 from core.config import load_config
 from core.runtime import get_device
 from models.dalle_pipeline import DallePipelineConfig, load_dalle_pipeline
+from models.imagen import ImagenPipelineConfig, load_imagen
 from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
 from models.unclip import UnCLIPPipelineConfig, load_unclip
 
-FAMILIES = ("pixel", "ldm", "dalle", "unclip")  # the names --pipeline accepts; every family adds its own
+FAMILIES = ("pixel", "ldm", "dalle", "imagen", "unclip")  # the names --pipeline accepts; every family adds its own
 PRESET_NAMES = ("fast", "quality", "creative")  # every family defines these three (its `presets`)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAMPLEABLE_KINDS = ("diffusion", "dalle")  # checkpoint kinds a pipeline can be built from alone
@@ -55,9 +56,9 @@ class DiffusionPipelineConfig:
 
 
 PIPELINE_CONFIGS = {"pixel": DiffusionPipelineConfig, "ldm": DiffusionPipelineConfig, "dalle": DallePipelineConfig,
-                    "unclip": UnCLIPPipelineConfig}
+                    "imagen": ImagenPipelineConfig, "unclip": UnCLIPPipelineConfig}
 DEFAULT_CONFIGS = {"ldm": "configs/shapes/pipeline_ldm.yaml", "dalle": "configs/shapes/pipeline_dalle.yaml",
-                   "unclip": "configs/shapes/pipeline_unclip.yaml"}
+                   "imagen": "configs/shapes/pipeline_imagen.yaml", "unclip": "configs/shapes/pipeline_unclip.yaml"}
 
 
 def load_pipeline(path, device="cpu", use_ema=True, vae=None):
@@ -68,6 +69,9 @@ def load_pipeline(path, device="cpu", use_ema=True, vae=None):
         raise ValueError(f"{path} is unCLIP's decoder, which samples from CLIP image embeddings; use --pipeline unclip "
                          f"--config configs/shapes/pipeline_unclip.yaml")
     if ckpt["kind"] == "diffusion":
+        if ckpt["config"].get("low_res"):
+            raise ValueError(f"{path} is a super-resolution stage of a cascade (low_res {ckpt['config']['low_res']}); "
+                             f"sample it with --pipeline imagen --config FILE naming it as sr1 or sr2")
         return load_text2image(ckpt, device, use_ema=use_ema, vae_path=vae)
     if ckpt["kind"] == "dalle":
         return load_dalle_pipeline(path, device, use_ema=use_ema, dvae=vae)
@@ -94,6 +98,8 @@ def load_family_pipeline(family, cfg, device, use_ema=True):
     if family == "dalle":
         return load_dalle_pipeline(cfg.dalle, device, use_ema=use_ema, dvae=cfg.dvae or None,
                                    clip=cfg.clip or None), cfg.preset or None
+    if family == "imagen":
+        return load_imagen(cfg, device, use_ema=use_ema), cfg.preset or None
     raise AssertionError(f"unhandled family {family!r}")  # pipeline_config checked the name
 
 
@@ -149,7 +155,9 @@ def named_pipeline(args):
     if config is None and not args.ckpt:
         raise ValueError(f"--pipeline {args.pipeline} needs --config FILE (or --ckpt for a single checkpoint)")
     cfg = pipeline_config(args.pipeline, config)
-    main_ckpt = {"unclip": "decoder", "dalle": "dalle"}.get(args.pipeline, "diffusion")
+    if args.pipeline == "imagen" and args.vae:
+        raise ValueError("--vae is for latent diffusion; an Imagen cascade is in pixel space, drop it")
+    main_ckpt = {"unclip": "decoder", "dalle": "dalle", "imagen": "base"}.get(args.pipeline, "diffusion")
     if args.prior and args.pipeline != "unclip":
         raise ValueError(f"--prior names unclip's prior; the {args.pipeline} pipeline has none")
     decoder = "dvae" if args.pipeline == "dalle" else "vae"

@@ -222,12 +222,13 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
 
 @torch.no_grad()
 def sample(denoise, x_T: torch.Tensor, schedule: NoiseSchedule, cfg: SamplerConfig,
-           generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+           generator: torch.Generator | None = None, progress: bool = True, desc: str | None = None) -> torch.Tensor:
     """Run the reverse process from x_T (B, C, H, W), usually torch.randn(..., generator=generator), to x_0.
 
     denoise(x_t, t) -> model output, with t a LongTensor (B,) on x_t's device. Guidance is the caller's:
         denoise = lambda x, t: guidance(model(x, t, cond), model(x, t, uncond), cfg.guidance_scale)
-    Noise comes only from `generator` (never the global RNG), so a seeded generator reproduces a run."""
+    Noise comes only from `generator` (never the global RNG), so a seeded generator reproduces a run.
+    desc: the progress bar's label (default: the sampler's name)."""
     B = x_T.shape[0]
     timesteps = make_timesteps(schedule.num_train_timesteps, cfg.num_inference_steps, cfg.timestep_spacing,
                                cfg.steps_offset).tolist()
@@ -235,7 +236,7 @@ def sample(denoise, x_T: torch.Tensor, schedule: NoiseSchedule, cfg: SamplerConf
         raise ValueError(f"prediction_type='epsilon' cannot give x0 at t={timesteps[0]}, where abar_t = 0 (zero "
                          f"terminal SNR): use prediction_type='v_prediction' (Lin et al. 2023) or leading spacing")
     x = x_T
-    for i, t in enumerate(tqdm(timesteps, desc=cfg.sampler, disable=not progress)):
+    for i, t in enumerate(tqdm(timesteps, desc=desc or cfg.sampler, disable=not progress)):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)  # (B,)
         model_output = denoise(x, t_batch)

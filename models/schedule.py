@@ -62,6 +62,7 @@ class ScheduleConfig:
     beta_end: float = 0.02               # beta_{T-1} of linear / scaled_linear / sigmoid (cosine ignores it)
     rescale_betas_zero_snr: bool = False # Lin et al. 2023 Alg. 1: shift/scale sqrt(abar) so abar_{T-1} = 0 exactly
     prediction_type: str = "epsilon"     # what the model outputs: epsilon | sample (x_0) | v_prediction (v)
+    log_snr_shift: float = 0.0           # added to log SNR at every t (simple diffusion, resolution_shift below)
 
     def __post_init__(self):
         if self.beta_schedule == "squaredcos_cap_v2":
@@ -99,6 +100,22 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+def resolution_shift(resolution: int, reference: int = 64) -> float:
+    """Hoogeboom et al. 2023, "simple diffusion", arXiv 2301.11093, Sec. 3.1: a schedule tuned at `reference` px used
+    at d px gets log SNR_d(t) = log SNR_ref(t) + 2 log(reference / d): a larger image needs more noise to hide the same
+    structure, since averaging s x s pixels raises the SNR by s^2. The value for ScheduleConfig.log_snr_shift."""
+    return 2 * math.log(reference / resolution)
+
+
+def shift_log_snr(betas: torch.Tensor, shift: float) -> torch.Tensor:
+    """betas whose abar has log SNR = log(abar / (1 - abar)) + shift at every t (simple diffusion Sec. 3.1):
+    abar' = sigmoid(logit(abar) + shift), then betas from the ratios of consecutive abar', in float64."""
+    abar = torch.cumprod(1.0 - betas.double(), dim=0)
+    abar = torch.sigmoid(torch.logit(abar) + shift)  # (T,) abar' (a zero terminal SNR stays 0)
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return (1.0 - alphas).float()
+
+
 class NoiseSchedule:
     """betas / alphas / alphas_cumprod of one schedule, and every formula that only needs them.
 
@@ -119,6 +136,8 @@ class NoiseSchedule:
             check_choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
         if cfg.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
+        if cfg.log_snr_shift:
+            betas = shift_log_snr(betas, cfg.log_snr_shift)
         self.betas = betas                                    # (T,) beta_t
         self.alphas = 1.0 - betas                             # (T,) alpha_t
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)   # (T,) abar_t

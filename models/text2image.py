@@ -298,10 +298,12 @@ class Text2Image:
                        sample_max_value=cap)
 
     @torch.no_grad()
-    def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True, image_embed=None):
+    def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True, image_embed=None,
+                 desc=None):
         """Prompts -> pictures (B, 3, H, W) in [-1, 1]. Noise and sampler noise come only from `generator`, so the
         same seed gives the same pixels. image_embed (B, E): the CLIP image embeddings an unCLIP decoder reads
-        (models/unclip.py gives them); guidance then contrasts them and the prompt with both dropped."""
+        (models/unclip.py gives them); guidance then contrasts them and the prompt with both dropped. desc: the
+        progress bar's label."""
         settings = settings or self.settings
         weight = next(self.model.unet.parameters())
         device, dtype = weight.device, weight.dtype  # the networks run in their weights' dtype (see cast)
@@ -316,7 +318,7 @@ class Text2Image:
                           device=device)  # (B, C, H, W), float32: the sampler's arithmetic stays in float32
         denoise = lambda x_t, t: guided_prediction(self.model.denoise, x_t.to(dtype), t, cond,
                                                    settings.guidance_scale).float()
-        x0 = sample(denoise, x_T, self.schedule, settings, generator=generator, progress=progress)
+        x0 = sample(denoise, x_T, self.schedule, settings, generator=generator, progress=progress, desc=desc)
         if self.vae is None:
             return x0
         return self.vae.decode((x0 / self.scale_factor).to(dtype)).float().clamp(-1, 1)

@@ -12,7 +12,8 @@ Papers:
   Saharia et al. 2022, "Imagen", arXiv 2205.11487: Sec. 2.5 (a pooled text vector added to the timestep
     embedding; super-resolution U-Nets keep text cross-attention but drop self-attention at high resolution),
     Sec. 2.4 (super-resolution conditioned on an upsampled low-res image and on its noise-augmentation level).
-    Not implemented: the Efficient U-Net of App. B.1 (skip scaling, reordered up/down sampling).
+    App. B.1, the Efficient U-Net, as options: skip connections scaled by 1/sqrt(2) (skip_scale) and more
+    residual blocks at the low resolutions (level_blocks). Not implemented: its reordered down/up-sampling.
 
 Layout (channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8), image 32):
 
@@ -83,6 +84,9 @@ class UNetConfig:
     low_res_channels: int = 0  # >0: super-resolution; a low-res image is upsampled bilinearly and concatenated to x
     null_length: int = 0  # 0: the null condition is one learned token repeated at every position; L > 0: a sequence
     #                       of L token vectors, and prompts must be L tokens long (SD v1: 77, CLIP's empty prompt)
+    skip_scale: float = 1.0  # every skip connection times this before the concatenation (Efficient U-Net: 1/sqrt(2))
+    level_blocks: tuple = ()  # residual blocks per level on the way down, e.g. (1, 2, 4): more at low resolution
+    #                           (Efficient U-Net, Imagen App. B.1); () = num_res_blocks at every level
     patch_size: int = 1  # >1: the first layer folds p x p pixels into channels (pixel_unshuffle) and the last
     #                      unfolds them (pixel_shuffle): no feature map at full resolution (simple diffusion,
     #                      Hoogeboom et al. 2023, "avoiding high resolution feature maps"; DiT's patchify)
@@ -119,6 +123,11 @@ def validate_config(cfg: UNetConfig):
             )
     if cfg.num_res_blocks < 1:
         raise ValueError(f"num_res_blocks={cfg.num_res_blocks}; need at least 1")
+    if cfg.level_blocks and (len(cfg.level_blocks) != levels or min(cfg.level_blocks) < 1):
+        raise ValueError(f"level_blocks={tuple(cfg.level_blocks)} needs one count >= 1 per level ({levels} levels, "
+                         f"channel_mult); () = num_res_blocks everywhere")
+    if not cfg.skip_scale > 0:
+        raise ValueError(f"skip_scale={cfg.skip_scale}; need > 0 (1 = plain U-Net, 0.7071 = Imagen's 1/sqrt(2))")
     if cfg.transformer_depth < 1:
         raise ValueError(f"transformer_depth={cfg.transformer_depth}; need >= 1 (attention_resolutions=() for none)")
     if cfg.null_length < 0:
@@ -291,9 +300,10 @@ class UNet(nn.Module):
         width = ch
         self.down_blocks = nn.ModuleList()
         self.downsamplers = nn.ModuleList()
+        blocks_at = cfg.level_blocks or (cfg.num_res_blocks,) * levels  # residual blocks per level (down path)
         for level, mult in enumerate(cfg.channel_mult):
             blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(blocks_at[level]):
                 blocks.append(
                     UNetBlock(width, ch * mult, emb_dim, cfg, has_attention(level), has_self_attention(level))
                 )
@@ -317,7 +327,7 @@ class UNet(nn.Module):
         self.upsamplers = nn.ModuleList()
         for level in reversed(range(levels)):
             blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
+            for _ in range(blocks_at[level] + 1):
                 in_width = width + skip_widths.pop()
                 width = ch * cfg.channel_mult[level]
                 blocks.append(UNetBlock(in_width, width, emb_dim, cfg, has_attention(level), has_self_attention(level)))
@@ -439,7 +449,10 @@ class UNet(nn.Module):
 
         for level, blocks in enumerate(self.up_blocks):
             for block in blocks:
-                h = torch.cat([h, skips.pop()], dim=1)  # (B, width + skip width, h, w)
+                skip = skips.pop()
+                if cfg.skip_scale != 1.0:
+                    skip = skip * cfg.skip_scale  # Efficient U-Net (Imagen App. B.1): 1/sqrt(2)
+                h = torch.cat([h, skip], dim=1)  # (B, width + skip width, h, w)
                 h = block(h, emb, context, context_mask)  # (B, ch*mult, h, w)
             if level < len(self.upsamplers):
                 h = self.upsamplers[level](h)  # (B, ch*mult, 2h, 2w)

@@ -27,6 +27,8 @@ unCLIP (--pipeline unclip, models/unclip.py) also decodes CLIP image embeddings 
 
 Writes the grid to --out and every image as its own PNG into a folder beside it (grid/0000.png, ...), with
 a metadata.jsonl (file_name, text) so the folder is a Hugging Face `imagefolder` that the metrics read.
+A cascade (--pipeline imagen) also writes <out stem>_stages.png: one row per image, its stages side by side (each
+enlarged to the final size by pixel repetition, so the pixels each stage made stay visible).
 The same seed gives the same pixels. Refuses to overwrite existing outputs unless --overwrite is given.
 """
 import argparse
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from core.images import image_grid, to_uint8
@@ -144,7 +147,7 @@ def main(argv=None):
 
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"{pipe.family} pipeline, {pipe.resolution} px: {settings}", flush=True)
-    nrow = args.n
+    nrow, stages = args.n, []
     if embeddings:
         images, nrow, all_prompts = embeddings_grid(pipe, args, settings, g)
         images = images.cpu()
@@ -155,10 +158,16 @@ def main(argv=None):
             chunk = all_prompts[i: i + args.batch_size]
             print(f"sampling {i + len(chunk)}/{len(all_prompts)}", flush=True)
             images.append(pipe(chunk, settings, generator=g, truncate=args.truncate).cpu())
+            stages.append([x.cpu() for x in getattr(pipe, "stage_images", [])[:-1]])  # a cascade's earlier stages
         images = torch.cat(images)  # (len(prompts) * n, 3, H, W)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=nrow).save(out)
+    if stages and stages[0]:  # a cascade: (N, 3, h_k, h_k) per earlier stage k
+        R = images.shape[-1]
+        columns = [F.interpolate(torch.cat(s), size=(R, R), mode="nearest") for s in zip(*stages)] + [images]
+        rows = torch.stack(columns, 1).flatten(0, 1)  # (N * stages, 3, R, R): image 0's stages, image 1's, ...
+        image_grid(rows, nrow=len(columns)).save(out.with_name(f"{out.stem}_stages.png"))
     single_dir.mkdir(parents=True, exist_ok=True)
     for old in single_dir.glob("[0-9][0-9][0-9][0-9].png"):  # --overwrite: an earlier, larger run's images
         old.unlink()                                          # must not stay behind without a caption

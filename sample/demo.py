@@ -37,13 +37,13 @@ import torch
 
 import sample.__main__ as sample_cli
 from core.runtime import run_cli
-from sample import demo_dalle, demo_ldm, demo_unclip
+from sample import demo_dalle, demo_imagen, demo_ldm, demo_unclip
 from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
 from sample.stages import CONFIGS, Background, Timer, judges
 
-FAMILIES = ("ldm", "dalle", "unclip")  # python -m sample.demo --family NAME; each is a module sample/demo_<family>.py
+FAMILIES = ("ldm", "dalle", "imagen", "unclip")  # python -m sample.demo --family NAME; each: sample/demo_<family>.py
 
 
 def family_module(name):
@@ -51,6 +51,8 @@ def family_module(name):
         return demo_ldm
     if name == "dalle":
         return demo_dalle
+    if name == "imagen":
+        return demo_imagen
     if name == "unclip":
         return demo_unclip
     raise ValueError(f"unknown family '{name}'; use one of {', '.join(FAMILIES)}")

@@ -3,10 +3,12 @@ right types) and passes the checks its script makes before it loads any data."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import load_config
 from models.dalle import check_config as check_dalle_config
 from models.dalle_pipeline import DallePipelineConfig, PRESETS as DALLE_PRESETS
+from models import imagen
 from models.pipeline import DiffusionPipelineConfig
 from models.text2image import PRESETS
 from models.unet import UNet
@@ -24,6 +26,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm": TextLMTrainConfig,
          "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline_unclip": UnCLIPPipelineConfig,
          "pipeline_dalle": DallePipelineConfig, "dalle": DalleTrainConfig, "dvae": DVAETrainConfig,
+         "imagen_": diffusion.DiffusionConfig, "pipeline_imagen": imagen.ImagenPipelineConfig,
          "pipeline": DiffusionPipelineConfig, "prior": PriorTrainConfig, "decoder": diffusion.DiffusionConfig}
 
 
@@ -44,9 +47,12 @@ def test_shipped_config_loads(path):
             vae_cfg = load_config(VAETrainConfig, path.with_name(vae_name + ".yaml"))
             assert vae_cfg.data.resolution == cfg.data.resolution
             diffusion.check_latent_config(cfg, vae_cfg.vae)
-        UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
+        with torch.device("meta"):  # no memory: the paper-shaped Imagen base has 2.9B parameters
+            UNet(cfg.unet)  # the structure is valid (attention levels, divisibility, groups)
     if isinstance(cfg, (DiffusionPipelineConfig, UnCLIPPipelineConfig)):
         assert cfg.preset in PRESETS
+    if isinstance(cfg, imagen.ImagenPipelineConfig):
+        assert cfg.preset in ("", *imagen.PRESETS) and len(cfg.steps) == len(cfg.guidance) == 3
     if isinstance(cfg, DallePipelineConfig):
         assert cfg.preset in DALLE_PRESETS
     if isinstance(cfg, DVAETrainConfig):

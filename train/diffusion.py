@@ -6,6 +6,7 @@ Ho & Salimans 2022, arXiv 2207.12598 (conditioning dropout for classifier-free g
 
     python -m train.diffusion --config configs/shapes/diffusion_pixel.yaml
     python -m train.diffusion --config configs/shapes/diffusion_latent.yaml   # space: latent, vae: <ckpt>
+    python -m train.diffusion --config configs/shapes/imagen_sr1.yaml         # low_res: 16, an Imagen SR stage
     torchrun --nproc_per_node 2 -m train.diffusion --config ... train.device=cpu   # DDP (gloo on CPUs)
 
 Writes into train.out_dir (default runs/<config name>): ckpt.pt (atomic, every train.ckpt_every steps and at
@@ -27,6 +28,12 @@ train.image_drop_prob (the paper: 0.1) and, independently, the caption with trai
 checkpoint keeps the CLIP's fingerprint, so the unclip pipeline refuses a prior trained on another CLIP.
     python -m train.diffusion --config configs/shapes/decoder_unclip.yaml
 
+Super-resolution (Imagen, Saharia et al. 2022, arXiv 2205.11487, Sec. 2.4-2.5; Cascaded Diffusion Models, Ho et al.
+2021, arXiv 2106.15282): with `low_res: r` the model is a stage of a cascade (models/imagen.py). Its images are made
+per batch (data/crops.py: rendered or read on the fly, train.crop = random crops), z = the image averaged down by
+resolution / r, noise-augmented at a level s ~ U{0 .. train.aug_max (T' - 1)} per sample on `aug_schedule`, and given
+to the U-Net (unet.low_res_channels = 3) with s. train.aug_max = 0 turns the augmentation off (the ablation).
+
 Loop (Algorithm 1 with conditioning dropout):
     x_0, caption ~ data;  t ~ Uniform{0..T-1};  eps ~ N(0, I)
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps                (Eq. 4)
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -49,7 +57,9 @@ from core.config import config_to_dict, format_config, parse_config
 from core.images import image_grid
 from core.runtime import autocast, cleanup_distributed, get_device, run_cli, seed_everything, setup_distributed
 from data.dataset import DataConfig, load_data
+from data.crops import CropSource
 from models.conditioning import Conditioning
+from models.imagen import Stage, downsample, noise_augment, super_resolve
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import ModelConfig, Text2Image, build_model, use_frozen_text_encoder, vae_fingerprint
@@ -80,6 +90,8 @@ class DiffusionTrain(TrainConfig):
     sample_every: int = 1000      # steps between sample grids (0 = only at the end)
     sample_steps: int = 25        # DDIM steps for the training-time grids
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
+    crop: int = 0                 # super-resolution: random crop side at data.resolution (0 = whole images)
+    aug_max: float = 1.0          # super-resolution: augmentation level ~ U[0, aug_max] per sample (0 = no augmentation)
 
 
 @dataclass
@@ -95,6 +107,9 @@ class DiffusionConfig:
     image_embed_dim: int = 0     # >0: unCLIP's decoder, also conditioned on the CLIP image embedding z_i of the frozen
                                  # CLIP of text_encoder=clip:<ckpt> (its embed_dim); 0: text only
     vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
+    low_res: int = 0             # >0: a super-resolution stage whose input is the image at low_res x low_res (Imagen)
+    # the noise-conditioning augmentation's own schedule (DeepFloyd IF's image_noising_scheduler: cosine, 1000 steps)
+    aug_schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(beta_schedule="cosine"))
     # the pipeline's default settings (python -m sample, the metrics): DDIM 50 steps, guidance 3; in pixel space
     # x0_hat is clipped to [-1, 1] as in DDPM's code and diffusers' default (an undertrained model's x0_hat at high
     # noise is far outside the data range)
@@ -123,12 +138,38 @@ def check_config(cfg):
                          f"text_encoder=clip:<the CLIP checkpoint>")
     if cfg.train.image_drop_prob and not cfg.image_embed_dim:
         raise ValueError("train.image_drop_prob drops unCLIP's image embedding; set image_embed_dim or drop it")
+    if cfg.low_res and cfg.image_embed_dim:
+        raise ValueError("a super-resolution stage (low_res) reads the low-res image, not CLIP image embeddings; set "
+                         "image_embed_dim=0 or low_res=0")
+    if cfg.low_res:
+        check_super_resolution_config(cfg)
+    elif cfg.unet.low_res_channels or cfg.train.crop:
+        raise ValueError("unet.low_res_channels and train.crop are for super-resolution stages; set low_res (the input "
+                         "side) or drop them")
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
     if cfg.train.snr_gamma:  # fails here, not after the data is loaded
         NoiseSchedule(cfg.schedule).min_snr_weight(torch.zeros(1, dtype=torch.long), cfg.train.snr_gamma,
                                                    cfg.train.snr_plus_one)
+
+
+def check_super_resolution_config(cfg):
+    R, r, c = cfg.data.resolution, cfg.low_res, cfg.train.crop or cfg.data.resolution
+    factor = cfg.unet.patch_size * 2 ** (len(cfg.unet.channel_mult) - 1)  # the U-Net's sides must divide by it
+    if cfg.space != "pixel":
+        raise ValueError("a super-resolution stage (low_res > 0) works in pixel space; set space=pixel")
+    if r >= R or R % r:
+        raise ValueError(f"low_res ({r}) must divide data.resolution ({R}) and be smaller; e.g. low_res={R // 4}")
+    if cfg.unet.low_res_channels != 3:
+        raise ValueError(f"a super-resolution stage needs unet.low_res_channels=3 (got {cfg.unet.low_res_channels})")
+    if c > R:
+        raise ValueError(f"train.crop={c} is larger than the images (data.resolution={R}); set train.crop <= {R}")
+    if c % (R // r) or c % factor:
+        raise ValueError(f"train.crop={c} must be a multiple of the upsampling factor {R // r} and of the U-Net's "
+                         f"{factor}; e.g. train.crop={R // 2}")
+    if not 0.0 <= cfg.train.aug_max <= 1.0:
+        raise ValueError(f"train.aug_max must be in [0, 1] (0 = no augmentation), got {cfg.train.aug_max}")
 
 
 def sample_timesteps(tc, num_timesteps, n, generator, device):
@@ -186,8 +227,8 @@ def main(argv=None):
                              f"({clip_cfg.embed_dim}); set image_embed_dim={clip_cfg.embed_dim}")
         clip_print = {"path": cfg.text_encoder.partition(":")[2], "sha256": clip_fingerprint(clip)}
     tc = cfg.train
-    fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space", "image_embed_dim")
-    # (train and sampler may change)
+    fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space", "image_embed_dim", "low_res",
+             "aug_schedule")  # (train and sampler may change)
     out_dir, resumed = open_run(cfg, config_path, "diffusion", fixed, "diffusion")
     if resumed and vae is not None and resumed.get("vae") != fingerprint:
         raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the latents of another VAE than "
@@ -201,7 +242,7 @@ def main(argv=None):
     seed_everything(tc.seed)
 
     # ---- data: images in memory, captions tokenized once
-    data = load_data(cfg.data, progress=is_main)
+    data = CropSource(cfg.data, cfg.train.crop) if cfg.low_res else load_data(cfg.data, progress=is_main)
     if resumed:
         tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"])
     elif frozen:
@@ -237,6 +278,7 @@ def main(argv=None):
         print(f"cached the frozen text encoder's outputs for {n_cached} distinct captions", flush=True)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     schedule = NoiseSchedule(cfg.schedule).to(device)
+    aug_schedule = NoiseSchedule(cfg.aug_schedule).to(device) if cfg.low_res else None
     n_params = sum(p.numel() for p in model.parameters())
 
     writer = None
@@ -259,12 +301,20 @@ def main(argv=None):
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
         pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, config_to_dict(cfg.data), vae,
                           scale_factor if vae is not None else 1.0)
-        embeds = None
-        if cfg.image_embed_dim:  # unCLIP's decoder: the first training images' z_i with their captions, twice each
-            n = len(tc.sample_prompts)
-            prompts = [data.captions[i] for i in range(n) for _ in range(2)]
-            embeds = image_embeds[torch.arange(n).repeat_interleave(2)]  # (2n, E)
-        images = pipe(prompts, generator=g, progress=False, truncate=True, image_embed=embeds)
+        if cfg.low_res:  # rows: the low-res input (upsampled), the model's output, the ground truth
+            truth = data.whole(range(4)).to(device)  # (4, 3, R, R)
+            stage = Stage(pipe, cfg.low_res, aug_schedule)
+            low = downsample(truth, cfg.low_res)  # (4, 3, r, r)
+            out = super_resolve(stage, data.captions[:4], low, sampler, 0.0, g, truncate=True, progress=False)
+            up = F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            images = torch.cat([up.clamp(-1, 1), out.clamp(-1, 1), truth]).cpu()
+        else:
+            embeds = None
+            if cfg.image_embed_dim:  # unCLIP's decoder: the first training images' z_i with their captions, twice each
+                n = len(tc.sample_prompts)
+                prompts = [data.captions[i] for i in range(n) for _ in range(2)]
+                embeds = image_embeds[torch.arange(n).repeat_interleave(2)]  # (2n, E)
+            images = pipe(prompts, generator=g, progress=False, truncate=True, image_embed=embeds)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
         (out_dir / "samples").mkdir(exist_ok=True)
         grid.save(out_dir / "samples" / f"step_{step:07d}.png")
@@ -283,7 +333,9 @@ def main(argv=None):
         # noise, timesteps and conditioning dropout are drawn from a generator seeded by (seed, step, rank),
         # so the run is a function of its seed, whatever the resumption points
         g = step_generator(tc.seed, step, rank, device)
-        if vae is None:
+        if cfg.low_res:  # crops made now (data/crops.py), offsets from a CPU generator of (seed, step, rank)
+            x0 = data.batch(idx, torch.Generator().manual_seed(tc.seed * 1_000_003 + step * 1009 + rank))[0].to(device)
+        elif vae is None:
             x0 = data.batch(idx)[0].to(device)  # (b, 3, H, W) in [-1, 1]
         else:  # z ~ N(mu, sigma^2) of the frozen encoder, scaled to unit variance (LDM Sec. 4.3.2)
             mean, std = latent_mean[idx].to(device), latent_std[idx].to(device)  # (b, c, h, w)
@@ -291,16 +343,21 @@ def main(argv=None):
         t = sample_timesteps(tc, cfg.schedule.num_train_timesteps, local_batch, g, device)  # (b,)
         noise = torch.randn(x0.shape, generator=g, device=device)
         drop = torch.rand(local_batch, generator=g, device=device) < tc.cond_drop_prob
+        cond, drops = Conditioning(drop=drop), {}
         if cfg.image_embed_dim:  # unCLIP Sec. 2.1: z_i and the caption dropped independently
             drop_image = torch.rand(local_batch, generator=g, device=device) < tc.image_drop_prob
+            cond = Conditioning(image_embed=image_embeds[idx].to(device))
+            drops = {"drop_text": drop, "drop_image": drop_image}
+        if cfg.low_res:  # Imagen Sec. 2.4: the low-res input, noised at a random level s that the model is told
+            low = downsample(x0, x0.shape[-1] * cfg.low_res // cfg.data.resolution)  # (b, 3, c r / R, c r / R)
+            s_max = round(tc.aug_max * (cfg.aug_schedule.num_train_timesteps - 1))
+            s = torch.randint(0, s_max + 1, (local_batch,), generator=g, device=device)  # (b,)
+            eps_low = torch.randn(low.shape, generator=g, device=device)
+            cond = Conditioning(drop=drop, low_res=noise_augment(aug_schedule, low, s, eps_low), aug_level=s)
         set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
-            if cfg.image_embed_dim:
-                pred = ddp_model(x_t, t, ids, mask, Conditioning(image_embed=image_embeds[idx].to(device)),
-                                 drop_text=drop, drop_image=drop_image)
-            else:
-                pred = ddp_model(x_t, t, ids, mask, Conditioning(drop=drop))
+            pred = ddp_model(x_t, t, ids, mask, cond, **drops)
             err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
             if tc.snr_gamma:
                 err = err * schedule.min_snr_weight(t, tc.snr_gamma, tc.snr_plus_one)  # Hang et al. Eq. 9
