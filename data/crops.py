@@ -71,7 +71,7 @@ class CropSource:
         else:
             with Image.open(self.paths[i]) as image:
                 array = to_square_rgb(image, self.cfg.resolution)
-        return torch.from_numpy(array).permute(2, 0, 1)  # (3, R, R)
+        return torch.tensor(array).permute(2, 0, 1)  # (3, R, R); a copy: an image file gives a read-only array
 
     def whole(self, indices):
         """(B, 3, R, R) floats in [-1, 1], the whole images."""

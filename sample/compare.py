@@ -75,11 +75,11 @@ def table(rows):
     return "\n".join(lines) + "\n"
 
 
-def family_pictures(module, runs, prompts, seed=0, steps=50, guidance=3.0):
+def family_pictures(module, runs, prompts, seed=0, steps=50, guidance=3.0, smoke=False):
     """(len(prompts), H, W, 3) uint8: one picture per prompt from the family's demo pipeline, seed `seed`."""
     from models.pipeline import pipeline_from_args, settings_from_args
     args = sample_cli.build_parser().parse_args(
-        module.pipeline(Path(runs)) + module.sampling(argparse.Namespace(steps=steps, guidance=guidance)))
+        module.pipeline(Path(runs)) + module.sampling(argparse.Namespace(steps=steps, guidance=guidance, smoke=smoke)))
     pipe, preset, device = pipeline_from_args(args)
     settings = settings_from_args(pipe, args, preset)
     pipe.check_prompts(prompts)
@@ -115,7 +115,9 @@ def compare(families, runs, out, family_module):
     rows = [family_row(f, modules[f], runs) for f in families]
     lines = (CONFIGS / "demo_prompts.txt").read_text().splitlines()
     prompts = [line.strip() for line in lines if line.strip()][:PICTURE_PROMPTS]
-    pictures = [family_pictures(modules[f], runs, prompts) for f in families]
+    smoke = [bool(json.loads((Path(runs) / "demo" / f / "metrics.json").read_text()).get("smoke")) for f in families]
+    pictures = [family_pictures(modules[f], runs, prompts, steps=2 if s else 50, smoke=s)
+                for f, s in zip(families, smoke)]
     text = table(rows)
     (out / "comparison.md").write_text(text)
     picture(families, pictures, prompts, out / "comparison.png")

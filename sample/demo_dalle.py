@@ -117,13 +117,14 @@ def plot_curve(curve, path):
     plt.close(fig)
 
 
-def report(runs, classifier, num_images):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
     """The dVAE's held-out PSNR and codebook usage, and the re-ranking curve (N = 1 and 4 only, one picture per
-    prompt, when num_images < 100: the demo's --smoke)."""
+    prompt, when num_images < 100: the demo's --smoke). (model, accuracy_n: the contract's other arguments, unused
+    here: the curve samples with its own candidates.)"""
     dvae = load_checkpoint(runs / "dvae" / "ckpt.pt", "dvae")
     print(f"  dVAE PSNR {dvae.get('psnr'):.2f} dB; codebook perplexity {dvae.get('perplexity'):.1f}, "
           f"{dvae.get('codes_used')} of {dvae['config']['dvae']['vocab_size']} codes used (held-out)")
-    demo = runs / "demo" / "dalle"
+    demo = demo or runs / "demo" / "dalle"
     small = num_images < 100
     curve = reranking_curve(runs, classifier, candidates=CANDIDATES[:2] if small else CANDIDATES, n=1 if small else 2,
                             out=demo / "reranking.png")

@@ -11,9 +11,9 @@ Stages (each a training script of its own, in this order; sample/demo.py runs th
     SR 16-32  python -m train.diffusion --config configs/shapes/imagen_sr1.yaml      noise-conditioning augmentation
     SR 32-64  python -m train.diffusion --config configs/shapes/imagen_sr2.yaml      crops, no self-attention
 Sampling: the cascade of configs/shapes/pipeline_imagen.yaml (its per-stage steps, guidance and augmentation
-levels; the demo's --steps and --guidance are not passed, they would set every stage alike), with the checkpoints
-of this runs folder (written to runs/demo/imagen/pipeline_imagen.yaml). Prompt accuracy is judged on the 64 px
-output (the classifier resizes it to its 32 px). report() adds each SR stage's PSNR / SSIM against bicubic
+levels; the demo's --steps and --guidance are not passed, they would set every stage alike; --smoke passes --steps),
+with the checkpoints of this runs folder (written to runs/demo/imagen/pipeline_imagen.yaml). Prompt accuracy is
+judged on the 64 px output (the classifier resizes it to its 32 px). report() adds each SR stage's PSNR / SSIM against bicubic
 (metrics/super_resolution.py), the base's own prompt accuracy and the parameter counts.
 """
 import json
@@ -60,7 +60,9 @@ def pipeline(runs):
 
 
 def sampling(args):
-    return []  # the pipeline config's per-stage steps, guidance and augmentation levels
+    """The pipeline config's per-stage steps, guidance and augmentation levels; with --smoke the demo's --steps in
+    every stage (a check that the chain runs, in seconds)."""
+    return ["--steps", str(args.steps)] if args.smoke else []
 
 
 def parameter_counts(runs):
@@ -71,9 +73,9 @@ def parameter_counts(runs):
     return counts
 
 
-def report(runs, classifier, num_images):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
     """Each SR stage on ground-truth low-resolution input (PSNR / SSIM against bicubic, consistency, colour error) and
-    the U-Nets' parameter counts."""
+    the U-Nets' parameter counts. (model, demo, accuracy_n: the contract's other arguments, unused here.)"""
     from metrics.super_resolution import evaluate, report_lines
 
     n = max(2, min(100, num_images))

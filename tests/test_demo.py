@@ -112,15 +112,41 @@ def test_stop_ends_the_child_beside_the_vae(tmp_path):
     assert not (tmp_path / "c" / "ckpt.pt").exists()
 
 
-def test_dalle_demo_smoke_writes_the_shared_keys_and_the_reranking_curve(tmp_path):
-    demo.main(["--family", "dalle", "--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1",
-               "--accuracy-n", "1"])
-    folder = tmp_path / "demo" / "dalle"
-    report = json.loads((folder / "metrics.json").read_text())
-    assert report["family"] == "dalle"
-    assert {"prompt_accuracy", "fid", "clip_score", "stage_seconds", "total_seconds", "seconds_per_image"} <= set(report)
-    assert {"colour", "shape"} <= set(report["prompt_accuracy"]["heldin"]) and "heldout" in report["prompt_accuracy"]
-    assert list(report["stage_seconds"])[:5] == ["classifier", "dVAE", "judge CLIP", "re-ranking CLIP", "transformer"]
-    assert sorted(report["reranking"], key=int) == ["1", "4"] and (folder / "reranking.png").is_file()
+def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, capsys):
+    """--family all at a few steps per stage: each family trains its stages, samples and writes metrics.json with the
+    same keys as the latent demo, plus its own figures; then one comparison row per family."""
+    demo.main(["--family", "all", "--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1",
+               "--accuracy-n", "1", "--steps", "2"])
+    out = capsys.readouterr().out
+    shared = {"family", "prompt_accuracy", "fid", "clip_score", "r_precision", "r_precision_real", "stage_seconds",
+              "stage_cpu_seconds", "total_seconds", "seconds_per_image"}
+    first = {"ldm": ["classifier", "VAE", "judge CLIP", "latent U-Net"],
+             "dalle": ["classifier", "dVAE", "judge CLIP", "re-ranking CLIP", "transformer"],
+             "imagen": ["classifier", "text LM", "judge CLIP"],
+             "unclip": ["classifier", "CLIP", "judge CLIP", "VAE", "prior", "decoder"]}
+    reports = {}
+    for family in demo.FAMILIES:
+        folder = tmp_path / "demo" / family
+        report = reports[family] = json.loads((folder / "metrics.json").read_text())
+        assert report["family"] == family and shared <= set(report), (family, shared - set(report))
+        for split in ("heldin", "heldout"):
+            assert {"colour", "shape", "count"} <= set(report["prompt_accuracy"][split])
+            assert report["prompt_accuracy"][split]["images"] == len(eval_prompts(
+                "train" if split == "heldin" else "heldout"))
+        assert report["fid"]["n_a"] == report["fid"]["n_b"] == 24 and report["seconds_per_image"] > 0
+        assert list(report["stage_seconds"])[:len(first[family])] == first[family], report["stage_seconds"]
+        assert (folder / "samples.png").is_file() and f"{family} demo summary" in out
+    # what each family adds
+    assert sorted(reports["dalle"]["reranking"], key=int) == ["1", "4"]
+    assert (tmp_path / "demo" / "dalle" / "reranking.png").is_file()
     dvae = load_checkpoint(tmp_path / "dvae" / "ckpt.pt", "dvae")
-    assert report["dvae"]["codes_used"] == dvae["codes_used"] and (folder / "samples.png").is_file()
+    assert reports["dalle"]["dvae"]["codes_used"] == dvae["codes_used"]
+    assert set(reports["imagen"]["super_resolution"]) == {"sr1", "sr2"}
+    assert (tmp_path / "demo" / "imagen" / "samples_stages.png").is_file()  # every stage side by side
+    assert {"heldin", "heldout"} <= set(reports["unclip"]["prior"])
+    assert "prompt_accuracy_true_embedding" in reports["unclip"]
+    # the judges and the VAE / CLIP the families share trained once
+    assert out.count("==== VAE: done before, skipped") >= 1 and out.count("==== classifier: done before, skipped") == 3
+    table = (tmp_path / "demo" / "compare" / "comparison.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == [f"| {f}" for f in demo.FAMILIES]
+    assert (tmp_path / "demo" / "compare" / "comparison.png").stat().st_size > 0
