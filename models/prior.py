@@ -40,8 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.checkpoint import load_checkpoint, load_weights
+from core.config import config_from_dict
 from models.conditioning import Conditioning, guided_prediction
 from models.samplers import SamplerConfig, sample
+from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text_encoder import EncoderBlock
 from models.unet import timestep_embedding
 
@@ -177,3 +180,15 @@ def load_diffusers_prior(prior, state_dict):
     for name in ("null_tokens", "null_text_embed"):  # ours alone (diffusers uses the empty prompt's encoding)
         ours[name] = prior.state_dict()[name]
     prior.load_state_dict(ours)
+
+
+def load_prior(path, device="cpu", use_ema=True):
+    """A checkpoint of train/prior.py -> (DiffusionPrior in eval mode on `device`, its NoiseSchedule, the checkpoint,
+    whose "config" is the run's whole config as a dict)."""
+    ckpt = load_checkpoint(path, "prior")
+    stored = ckpt["config"]
+    prior = DiffusionPrior(config_from_dict(PriorConfig, stored["prior"], "prior."))
+    load_weights(prior, ckpt["ema"]["weights"] if use_ema and ckpt.get("ema") else ckpt["model"],
+                 f"prior weights in {path}")
+    schedule = NoiseSchedule(config_from_dict(ScheduleConfig, stored["schedule"], "schedule."))
+    return prior.to(device).eval(), schedule.to(device), ckpt

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from core.checkpoint import load_checkpoint
+from core.config import config_from_dict
 from data.claims import caption_holds, parse_caption
 from data.shapes import render, sample_scene
 from models.clip import clip_fingerprint, embed_images, load_clip, text_conditions
 from models.conditioning import Conditioning, guided_prediction
-from models.prior import sample_image_embeddings
+from models.prior import load_prior, sample_image_embeddings
 from models.samplers import SamplerConfig, sample
 from models.text2image import PRESETS, load_text2image
 
@@ -92,9 +93,10 @@ class UnCLIPPipeline:
     """The pipeline contract of models/pipeline.py, for CLIP -> prior -> decoder."""
     family = "unclip"
 
-    def __init__(self, clip, tokenizer, prior, prior_schedule, prior_cfg, decoder, decoder_train, settings):
+    def __init__(self, clip, tokenizer, prior, prior_schedule, prior_train, decoder, decoder_train, settings):
         self.clip, self.tokenizer = clip, tokenizer
-        self.prior, self.prior_schedule, self.prior_cfg = prior, prior_schedule, prior_cfg
+        self.prior, self.prior_schedule = prior, prior_schedule
+        self.prior_train = prior_train  # the prior's train config (its caption dropout)
         self.decoder = decoder  # models.text2image.Text2Image around the UnCLIPDecoder (and its VAE)
         self.decoder_train = decoder_train  # the decoder's train config (its dropout probabilities)
         self.settings = settings
@@ -117,7 +119,7 @@ class UnCLIPPipeline:
                                                     ("guidance_scale", prior_guidance)) if v is not None})
         if embedding is not None and embedding not in EMBEDDINGS:
             raise ValueError(f"unknown --embedding {embedding!r}; use one of {', '.join(EMBEDDINGS)}")
-        if prior.guidance_scale != 1 and self.prior_cfg.train.cond_drop_prob == 0:
+        if prior.guidance_scale != 1 and self.prior_train["cond_drop_prob"] == 0:
             raise ValueError(f"prior guidance {prior.guidance_scale} needs a prior trained with dropped captions "
                              f"(its train.cond_drop_prob is 0); pass --prior-guidance 1")
         train = self.decoder_train  # guidance contrasts the full condition with both parts dropped
@@ -199,8 +201,8 @@ class UnCLIPPipeline:
 
 def load_unclip(cfg: UnCLIPPipelineConfig, device, use_ema=True):
     """The three checkpoints of `cfg` -> UnCLIPPipeline in eval mode on `device`; parts of different CLIPs refused."""
-    from train.prior import load_prior
-    prior, schedule, prior_cfg, prior_ckpt = load_prior(cfg.prior, device, use_ema)
+    prior, schedule, prior_ckpt = load_prior(cfg.prior, device, use_ema)
+    stored = prior_ckpt["config"]  # train/prior.py's PriorTrainConfig, as a dict
     decoder_ckpt = load_checkpoint(cfg.decoder, "diffusion")
     if not decoder_ckpt["config"].get("image_embed_dim"):
         raise ValueError(f"{cfg.decoder} is a text-to-image U-Net, not an unCLIP decoder; train one with "
@@ -215,6 +217,7 @@ def load_unclip(cfg: UnCLIPPipelineConfig, device, use_ema=True):
         raise ValueError(f"{clip_path} is not the CLIP the prior {cfg.prior} and the decoder {cfg.decoder} were "
                          f"trained on ({prior_ckpt['clip']['path']}); pass that one as clip")
     decoder = load_text2image(decoder_ckpt, device, use_ema=use_ema, vae_path=cfg.vae or None)
-    settings = UnCLIPSettings(prior=prior_cfg.sampler, decoder=decoder.settings, candidates=prior_cfg.candidates)
-    return UnCLIPPipeline(clip, tokenizer, prior, schedule, prior_cfg, decoder, decoder_ckpt["config"]["train"],
+    settings = UnCLIPSettings(prior=config_from_dict(SamplerConfig, stored["sampler"], "sampler."),
+                              decoder=decoder.settings, candidates=stored["candidates"])
+    return UnCLIPPipeline(clip, tokenizer, prior, schedule, stored["train"], decoder, decoder_ckpt["config"]["train"],
                           settings)

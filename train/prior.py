@@ -26,13 +26,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.config import format_config, parse_config
+from core.config import config_from_dict, format_config, parse_config
 from core.runtime import get_device, run_cli, seed_everything
 from data.claims import caption_holds
 from data.dataset import DataConfig, load_data
 from models.clip import clip_fingerprint, embed_images, load_clip, text_conditions
 from models.conditioning import Conditioning
 from models.prior import DiffusionPrior, PriorConfig, sample_image_embeddings
+from models.prior import load_prior as load_prior_model
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from train.clip import render
@@ -76,14 +77,8 @@ class PriorTrainConfig:
 
 def load_prior(path, device="cpu", use_ema=True):
     """A checkpoint of this script -> (prior in eval mode, its NoiseSchedule, its PriorTrainConfig, the checkpoint)."""
-    from core.checkpoint import load_checkpoint, load_weights
-    from core.config import config_from_dict
-    ckpt = load_checkpoint(path, "prior")
-    cfg = config_from_dict(PriorTrainConfig, ckpt["config"])
-    prior = DiffusionPrior(cfg.prior)
-    load_weights(prior, ckpt["ema"]["weights"] if use_ema and ckpt.get("ema") else ckpt["model"],
-                 f"prior weights in {path}")
-    return prior.to(device).eval(), NoiseSchedule(cfg.schedule).to(device), cfg, ckpt
+    prior, schedule, ckpt = load_prior_model(path, device, use_ema)
+    return prior, schedule, config_from_dict(PriorTrainConfig, ckpt["config"]), ckpt
 
 
 # ---------------------------------------------------------------- evaluation
