@@ -29,7 +29,7 @@ the last call (python -m sample saves them beside the final ones). A stage whose
 previous stage's output is refused when the pipeline is built.
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F

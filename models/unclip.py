@@ -131,7 +131,6 @@ class UnCLIPPipeline:
     @torch.no_grad()
     def image_embeddings(self, prompts, settings, generator=None, truncate=False, progress=False):
         """Prompts -> the unit z_i (B, E) the decoder reads, per settings.embedding."""
-        device = next(self.prior.parameters()).device
         tokens, mask, z_t = text_conditions(self.clip, self.tokenizer, list(prompts), truncate=truncate)
         if settings.embedding == "text":
             return z_t

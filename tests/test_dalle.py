@@ -90,7 +90,7 @@ def test_seeds_give_the_same_tokens():
 
 
 def test_filters_equal_transformers_logits_warpers():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     g = torch.Generator().manual_seed(0)
     for _ in range(5):

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
@@ -186,3 +187,21 @@ class EMA:
         self.check_decay(state, self.decay)
         load_weights(self.model, state["weights"], "EMA weights")
         self.num_updates = state["num_updates"]
+
+
+def log_grid(writer, out_dir, tag, grid, step):
+    """A PIL image grid -> out_dir/<tag>/step_<step>.png, and tensorboard's image `tag` at `step`."""
+    (out_dir / tag).mkdir(exist_ok=True)
+    grid.save(out_dir / tag / f"step_{step:07d}.png")
+    writer.add_image(tag, torch.from_numpy(np.array(grid)), step, dataformats="HWC")
+
+
+def stopped_early(writer, ckpt_path, end, tc: TrainConfig, train_time):
+    """True (the writer closed, a line saying how to go on) when this run stopped before train.steps
+    (train.stop_after); the evaluation at the end is then left to the run that finishes."""
+    if end >= tc.steps:
+        return False
+    writer.close()
+    print(f"saved {ckpt_path} at step {end} of {tc.steps} ({train_time:.0f}s this run); continue with "
+          f"train.resume=auto", flush=True)
+    return True

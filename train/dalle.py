@@ -18,7 +18,6 @@ A dVAE whose K or factor does not fit model.image_vocab / model.image_size is re
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -33,8 +32,8 @@ from models.dalle_pipeline import DalleSampling, DallePipeline, check_dvae_fits
 from models.dvae import load_dvae
 from models.text2image import vae_fingerprint
 from models.tokenizer import BPETokenizer, TokenizerConfig
-from train.common import (EMA, TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate,
-                          step_generator, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
+                          set_learning_rate, step_generator, training_state)
 
 
 @dataclass
@@ -136,9 +135,7 @@ def main(argv=None):
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
         images = pipe(prompts, generator=torch.Generator(device).manual_seed(0), progress=False)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
-        (out_dir / "samples").mkdir(exist_ok=True)
-        grid.save(out_dir / "samples" / f"step_{step:07d}.png")
-        writer.add_image("samples", torch.from_numpy(np.array(grid)), step, dataformats="HWC")
+        log_grid(writer, out_dir, "samples", grid, step)
         model.train()
 
     # ---- the loop

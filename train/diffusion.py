@@ -44,7 +44,6 @@ Loop (Algorithm 1 with conditioning dropout):
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -66,8 +65,8 @@ from models.text2image import ModelConfig, Text2Image, build_model, use_frozen_t
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNetConfig
-from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, open_run, resume_state,
-                          set_learning_rate, step_generator, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, open_run,
+                          resume_state, set_learning_rate, step_generator, training_state)
 
 
 @dataclass
@@ -316,9 +315,7 @@ def main(argv=None):
                 embeds = image_embeds[torch.arange(n).repeat_interleave(2)]  # (2n, E)
             images = pipe(prompts, generator=g, progress=False, truncate=True, image_embed=embeds)
         grid = image_grid(images, nrow=len(images) // 2 if len(images) > 4 else None)
-        (out_dir / "samples").mkdir(exist_ok=True)
-        grid.save(out_dir / "samples" / f"step_{step:07d}.png")
-        writer.add_image("samples", torch.from_numpy(np.array(grid)), step, dataformats="HWC")
+        log_grid(writer, out_dir, "samples", grid, step)
 
     # ---- the loop
     local_batch = tc.batch_size // world

@@ -35,8 +35,8 @@ from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule
-from train.common import (EMA, TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate,
-                          step_generator, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
+                          set_learning_rate, step_generator, stopped_early, training_state)
 
 
 @dataclass
@@ -166,9 +166,7 @@ def main(argv=None):
             x = to_float(eval_images[:8], device)  # (8, 3, H, W)
             rec = eval_model.decode(eval_model.encode(x))
         grid = image_grid(torch.cat([x, rec]), nrow=len(x))  # originals above reconstructions
-        (out_dir / "reconstructions").mkdir(exist_ok=True)
-        grid.save(out_dir / "reconstructions" / f"step_{step:07d}.png")
-        writer.add_image("reconstructions", torch.from_numpy(np.array(grid)), step, dataformats="HWC")
+        log_grid(writer, out_dir, "reconstructions", grid, step)
         model.train()
 
     # ---- the loop
@@ -214,10 +212,7 @@ def main(argv=None):
             checkpoint(done)
     train_time = time.time() - t0
 
-    if end < tc.steps:
-        writer.close()
-        print(f"saved {ckpt_path} at step {end} of {tc.steps} ({train_time:.0f}s this run); continue with "
-              f"train.resume=auto", flush=True)
+    if stopped_early(writer, ckpt_path, end, tc, train_time):
         return
 
     # ---- held-out reconstruction and codebook usage, with the weights the checkpoint serves

@@ -38,7 +38,6 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -49,8 +48,8 @@ from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
-from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, open_run, resume_state,
-                          set_learning_rate, step_generator, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, open_run,
+                          resume_state, set_learning_rate, step_generator, stopped_early, training_state)
 
 
 @dataclass
@@ -191,9 +190,7 @@ def main(argv=None):
             x = to_float(eval_images[:8], device)  # (8, 3, H, W)
             rec = eval_model.decode(eval_model.encode(x).mode())
         grid = image_grid(torch.cat([x, rec.float()]), nrow=len(x))  # originals above reconstructions
-        (out_dir / "reconstructions").mkdir(exist_ok=True)
-        grid.save(out_dir / "reconstructions" / f"step_{step:07d}.png")
-        writer.add_image("reconstructions", torch.from_numpy(np.array(grid)), step, dataformats="HWC")
+        log_grid(writer, out_dir, "reconstructions", grid, step)
         model.train()
 
     # ---- the loop
@@ -258,10 +255,7 @@ def main(argv=None):
             checkpoint(done)
     train_time = time.time() - t0
 
-    if end < tc.steps:
-        writer.close()
-        print(f"saved {ckpt_path} at step {end} of {tc.steps} ({train_time:.0f}s this run); continue with "
-              f"train.resume=auto", flush=True)
+    if stopped_early(writer, ckpt_path, end, tc, train_time):
         return
 
     # ---- held-out PSNR and the latent scale factor, with the weights the checkpoint serves
