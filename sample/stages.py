@@ -65,6 +65,18 @@ WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after")  # not wha
                                                                      # or a run resumed in pieces is the same stage
 
 
+def same_stage(stored, wanted):
+    """`wanted` when both name the checkpoint of one stage of a runs folder (`[lm:|clip:]<folder>/<stage>/ckpt.pt`
+    with the same prefix, stage and file), else `stored`: the upstream checkpoints a stage was trained on (vae, dvae,
+    clip, text_encoder) are named by their place in the runs folder, so a folder moved, linked or given to --runs in
+    another spelling is still done. What the files hold is checked where they are loaded: every script and pipeline
+    compares the fingerprint (VAE, dVAE, CLIP) the checkpoint stored at training."""
+    if not (isinstance(stored, str) and isinstance(wanted, str)) or not stored.endswith(".pt"):
+        return stored
+    (p1, _, a), (p2, _, b) = (v.rpartition(":") if ":" in v.split("/")[0] else ("", "", v) for v in (stored, wanted))
+    return wanted if p1 == p2 and Path(a).parts[-2:] == Path(b).parts[-2:] else stored
+
+
 def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     """A training stage is done when its checkpoint was made with the config the demo asks for (`argv`: --config FILE
     and overrides; `filled_in`: keys the script sets itself) and reached its last step; a VAE also needs its scale factor, measured after the last step. A
@@ -73,7 +85,8 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
         return False
     ckpt = load_checkpoint(ckpt_path, kind)
     wanted = config_to_dict(load_config(config_cls, argv[1], argv[2:]))
-    changes = stored_config_changes(config_cls, ckpt["config"], wanted, filled_in=(*filled_in, *WHERE_AND_HOW))
+    stored = {k: same_stage(v, wanted.get(k)) for k, v in ckpt["config"].items()}
+    changes = stored_config_changes(config_cls, stored, wanted, filled_in=(*filled_in, *WHERE_AND_HOW))
     if changes:
         raise ValueError(f"{ckpt_path} was trained with another config than the demo's {argv[1]} ({changes}); move "
                          f"its folder away or pass --runs <another folder>")

@@ -78,9 +78,16 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     # a checkpoint made before a config key existed (unet.patch_size) matches that key's default, not a change
     ckpt["config"]["unet"]["channels"] = 32
     ckpt["config"]["train"].update(out_dir="/elsewhere/runs/diffusion_latent", resume="never")  # a moved runs folder
+    ckpt["config"]["vae"] = "/elsewhere/runs/vae/ckpt.pt"  # its VAE named where the folder was
     del ckpt["config"]["unet"]["patch_size"]
     torch.save(ckpt, unet.ckpt)
     assert unet.done()
+    ckpt["config"]["vae"] = "/elsewhere/runs/vae_x/ckpt.pt"  # another stage's VAE is another config
+    torch.save(ckpt, unet.ckpt)
+    with pytest.raises(ValueError, match=r"vae: '/elsewhere/runs/vae_x/ckpt.pt' -> "):
+        unet.done()
+    ckpt["config"]["vae"] = str(tmp_path / "vae" / "ckpt.pt")
+    torch.save(ckpt, unet.ckpt)
     unet.overrides.append("unet.patch_size=2")
     with pytest.raises(ValueError, match=r"unet.patch_size: 1 -> 2"):
         unet.done()
