@@ -137,10 +137,13 @@ class DallePipeline:
         tokens = sample_image_tokens(self.model, text, s.temperature, s.top_k, s.top_p, s.guidance_scale,
                                      generator=generator)  # (B N, h, w)
         images = self.dvae.decode(tokens)  # (B N, 3, H, W)
+        self.intermediate = tokens  # what the transformer made: the image tokens (B, h, w), the kept candidates'
         if N == 1:
             return images
         scores = clip_scores(self.clip, self.clip_tokenizer, images, [p for p in prompts for _ in range(N)])
         best = torch.stack([rerank(row, 1)[0] for row in scores.view(len(prompts), N)])  # (B,)
+        kept = torch.arange(len(prompts)) * N + best.cpu()  # (B,) rows of the kept candidates
+        self.intermediate = tokens[kept.to(tokens.device)]
         return images.view(len(prompts), N, *images.shape[1:])[torch.arange(len(prompts)), best]
 
     def cast(self, dtype):

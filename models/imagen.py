@@ -240,6 +240,7 @@ class ImagenPipeline:
                                    settings.aug_levels[i - 1], generator, truncate, progress,
                                    desc=f"sr{i} {stage.low_res}->{stage.resolution}px")
             self.stage_images.append(images.clamp(-1, 1))
+        self.intermediate = self.stage_images[0]  # what the base made: the small picture the SR stages enlarge
         return self.stage_images[-1]
 
     def cast(self, dtype):

@@ -3,7 +3,8 @@
 Stable Diffusion, DALL-E, Imagen and unCLIP join separately trained parts (text encoder -> generation model ->
 decoder) only at sampling time. Whatever the family, the joined object -- a pipeline -- offers:
 
-    family          its name: "pixel" or "ldm" (models/text2image.py), "unclip" (models/unclip.py), ...
+    family          its name: "pixel" or "ldm" (models/text2image.py), "dalle" (models/dalle_pipeline.py),
+                    "imagen" (models/imagen.py), "unclip" (models/unclip.py)
     resolution      the side of the square pictures it returns
     settings        its sampling settings, a dataclass holding the checkpoint's defaults (diffusion: SamplerConfig)
     data            the data config (a dict) its generation model was trained on: dataset, resolution, ...
@@ -17,6 +18,9 @@ decoder) only at sampling time. Whatever the family, the joined object -- a pipe
     __call__(prompts, settings=None, generator=None, truncate=False, progress=True)
                     -> pictures (B, 3, H, W) in [-1, 1]; every random draw comes from `generator`, so a seed
                     gives the same pictures
+    intermediate    after a call, what its generation model made before the decoder: latents (B, c, h, w) for
+                    ldm (the picture itself for pixel), image tokens (B, h, w) for dalle, the base's small picture
+                    (B, 3, r, r) for imagen, unit CLIP image embeddings (B, E) for unclip
 
 `python -m sample`, the metrics that generate (prompt accuracy, the images for FID and CLIP score) and the demo
 use nothing else. A pipeline is named on the command line in one of two ways (add_pipeline_arguments):

@@ -319,6 +319,7 @@ class Text2Image:
         denoise = lambda x_t, t: guided_prediction(self.model.denoise, x_t.to(dtype), t, cond,
                                                    settings.guidance_scale).float()
         x0 = sample(denoise, x_T, self.schedule, settings, generator=generator, progress=progress, desc=desc)
+        self.intermediate = x0  # what the generation model made: the latents (B, c, h, w) of a latent model
         if self.vae is None:
             return x0
         return self.vae.decode((x0 / self.scale_factor).to(dtype)).float().clamp(-1, 1)

@@ -170,6 +170,7 @@ class UnCLIPPipeline:
     def __call__(self, prompts, settings=None, generator=None, truncate=False, progress=True):
         settings = settings or self.settings
         z_i = self.image_embeddings(prompts, settings, generator, truncate)
+        self.intermediate = z_i  # what the prior made: the unit CLIP image embeddings (B, E) the decoder reads
         return self.decode(z_i, prompts, settings, generator, truncate, progress)
 
     @torch.no_grad()

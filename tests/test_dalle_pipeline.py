@@ -72,6 +72,9 @@ def test_reranking_keeps_the_clips_best(runs):
     images = pipe.dvae.decode(sample_image_tokens(pipe.model, text, generator=torch.Generator().manual_seed(0)))
     scores = clip_scores(pipe.clip, pipe.clip_tokenizer, images, [p for p in prompts for _ in range(4)]).view(2, 4)
     torch.testing.assert_close(kept, torch.stack([images[4 * b + scores[b].argmax()] for b in range(2)]))
+    # the intermediate product: the kept candidates' token grids, which the dVAE decodes into the pictures
+    assert pipe.intermediate.shape == (2, pipe.model.cfg.image_size, pipe.model.cfg.image_size)
+    torch.testing.assert_close(pipe.dvae.decode(pipe.intermediate), kept)
     assert rerank(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [1, 3]
     with pytest.raises(ValueError, match=r"cannot keep the best 5 of 4 candidates.*N >= k"):
         rerank(torch.zeros(4), 5)

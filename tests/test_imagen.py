@@ -151,6 +151,7 @@ def test_presets_choose_stages_and_the_same_seed_gives_the_same_pixels(cascade):
     s = pipe.settings_with(None, steps=2, guidance=2.0)
     a = pipe(["a red circle", "a blue square"], s, torch.Generator().manual_seed(0), progress=False)
     assert a.shape == (2, 3, 64, 64) and [x.shape[-1] for x in pipe.stage_images] == [16, 32, 64]
+    assert pipe.intermediate is pipe.stage_images[0]  # the base's picture, which the SR stages enlarge
     b = pipe(["a red circle", "a blue square"], s, torch.Generator().manual_seed(0), progress=False)
     assert torch.equal(a, b)
     lo = pipe(["a red circle"], replace_aug(s, 0.0), torch.Generator().manual_seed(0), progress=False)

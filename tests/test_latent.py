@@ -83,6 +83,9 @@ def test_ldm_pipeline_samples_pixels(vaes, ldm, tmp_path, capsys):
     assert pipe.vae is not None and pipe.model.unet.cfg.in_channels == 4
     images = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), progress=False)
     assert images.shape == (1, 3, 16, 16) and images.abs().max() <= 1
+    # the intermediate product is the latent the VAE decodes into those pixels
+    assert pipe.intermediate.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(pipe.vae.decode(pipe.intermediate / pipe.scale_factor).clamp(-1, 1), images)
     # the same seed gives the same pixels, through the command line and the pipeline config
     config = tmp_path / "pipe.yaml"
     config.write_text(f"diffusion: {ldm}\nvae: {vaes[0]}\npreset: quality\n")

@@ -347,6 +347,12 @@ def test_unclip_interpolation_ends_are_the_decoded_endpoints(unclip_runs):
     ends = pipe.decode(z, None, replace(settings, decoder=replace(settings.decoder, eta=0.0)), progress=False,
                        x_T=x_T.expand(2, -1, -1, -1))
     torch.testing.assert_close(row[[0, 2]], ends, atol=1e-5, rtol=1e-5)
+    # a call's intermediate product is the prior's z_i, which the decoder then reads with the generator as it is
+    images = pipe(["a red circle"], settings, torch.Generator().manual_seed(3), progress=False)
+    g = torch.Generator().manual_seed(3)
+    z_i = pipe.image_embeddings(["a red circle"], settings, g)
+    torch.testing.assert_close(pipe.intermediate, z_i)
+    torch.testing.assert_close(pipe.decode(z_i, ["a red circle"], settings, g, progress=False), images)
 
 
 def test_unclip_bad_input(unclip_runs, tmp_path, capsys):
