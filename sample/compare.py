@@ -5,7 +5,7 @@
 Reads what `python -m sample.demo --family NAME` left in runs/demo/NAME/ (metrics.json) and the checkpoints of the
 family's stages, and writes to runs/demo/compare/:
     comparison.md    one row per family: the weights of each trained part, the training seconds of each part (wall
-                     and CPU), seconds per image at sampling, prompt accuracy held-in / held-out, FID, CLIP score,
+                     and CPU; of the demo run that trained it, '-' for a part trained outside the demo), seconds per image at sampling, prompt accuracy held-in / held-out, FID, CLIP score,
                      R-precision; the judges (classifier, judge CLIP) are shared by every family and left out
     comparison.png   the same prompts through every family, one row each, at a common display size
 A family whose demo has not run is an error naming the command that makes it.
@@ -45,9 +45,13 @@ def family_row(family, module, runs):
     if metrics.get("smoke"):
         print(f"  note: {path} comes from a --smoke run; its figures mean nothing")
     stages = module.stages(Path(runs), bool(metrics.get("smoke")))
-    cpu = metrics.get("stage_cpu_seconds", {})
-    parts = [(s.name, weights_count(s.ckpt, s.kind), metrics["stage_seconds"].get(s.name), cpu.get(s.name))
-             for s in stages]
+    cpu, before = metrics.get("stage_cpu_seconds", {}), metrics.get("stages_trained_before", {})
+    parts = []
+    for s in stages:  # a stage skipped as done (0 s) costs what the run that trained it recorded, if a demo did
+        wall, cpu_s = metrics["stage_seconds"].get(s.name), cpu.get(s.name)
+        if not wall:
+            wall, cpu_s = before.get(s.name, {}).get("seconds"), before.get(s.name, {}).get("cpu_seconds")
+        parts.append((s.name, weights_count(s.ckpt, s.kind), wall, cpu_s))
     acc = metrics["prompt_accuracy"]
     return {"family": family, "parts": parts, "seconds_per_image": metrics["seconds_per_image"],
             "heldin": (acc["heldin"]["colour"], acc["heldin"]["shape"]),

@@ -41,7 +41,7 @@ from sample import demo_dalle, demo_imagen, demo_ldm, demo_unclip
 from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
-from sample.stages import CONFIGS, Background, Timer, judges
+from sample.stages import CONFIGS, Background, Timer, judges, keep_stage_seconds
 
 FAMILIES = ("ldm", "dalle", "imagen", "unclip")  # python -m sample.demo --family NAME; each: sample/demo_<family>.py
 
@@ -105,6 +105,7 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
         timer.run(first.name, lambda: first.script.main(first.argv), skip=first.done())
     for stage in (judge_clip, *rest):
         timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
+    keep_stage_seconds((*judge_stages, *family_stages), timer)
 
 
 def trained_parts(family="ldm", quick=False, runs="runs"):
@@ -156,6 +157,7 @@ def run_family(args, name):
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu_seconds
     report["stages_beside"] = sorted(timer.beside)
+    report["stages_trained_before"] = timer.trained_before  # skipped here: the seconds of the run that trained them
     if budget is not None:
         report["budget"] = {"minutes": args.budget_minutes, "stages": budget}
     report["total_seconds"] = round(time.time() - t_start, 1)

@@ -5,6 +5,7 @@ A stage is `python -m <script> --config FILE train.out_dir=... train.resume=auto
 every training script (train/common.py), so a stage that was stopped continues, and one that finished is skipped
 unless its checkpoint was made with another config, which is refused rather than used or trained over.
 """
+import json
 import os
 import resource
 import subprocess
@@ -93,6 +94,23 @@ def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
     return ckpt.get("step") == wanted["train"]["steps"] and (kind != "vae" or ckpt["scale_factor"] is not None)
 
 
+STAGE_SECONDS = "demo_seconds.json"  # beside a stage's checkpoint: what training it took, when the demo trained it
+
+
+def keep_stage_seconds(stages, timer):
+    """A stage trained now leaves its wall and CPU seconds beside its checkpoint; a stage skipped as done gets them
+    back from there into timer.trained_before (absent when it was trained outside the demo), so the comparison
+    table still says what each part cost."""
+    for stage in stages:
+        record = Path(stage.ckpt).parent / STAGE_SECONDS
+        wall, cpu = timer.seconds.get(stage.name), timer.cpu_seconds.get(stage.name)
+        if wall:  # trained in this run
+            record.write_text(json.dumps({"seconds": wall, "cpu_seconds": cpu,
+                                          "beside": stage.name in timer.beside}) + "\n")
+        elif record.is_file():
+            timer.trained_before[stage.name] = json.loads(record.read_text())
+
+
 def children_cpu_seconds():
     """User + system CPU seconds of this process's finished (waited-for) children."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -107,6 +125,7 @@ class Timer:
         self.seconds = {}
         self.cpu_seconds = {}
         self.beside = set()  # stages that ran beside another one: not part of the sum
+        self.trained_before = {}  # stages skipped as done: {name: the seconds an earlier demo run recorded}
 
     def skipped(self, name):
         print(f"\n==== {name}: done before, skipped", flush=True)

@@ -45,6 +45,7 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     assert (folder / "samples.png").exists() and "ldm demo summary" in out
     # --family all (here over the one family): the trained stages are done, skipped; sampling and metrics run
     # again; then the comparison table and picture (sample/compare.py)
+    first = report
     monkeypatch.setattr(demo, "FAMILIES", ("ldm",))
     demo.main(argv + ["--family", "all"])
     out = capsys.readouterr().out
@@ -52,6 +53,10 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
         assert f"==== {stage}: done before, skipped" in out
     report = json.loads((folder / "metrics.json").read_text())
     assert report["stage_seconds"]["latent U-Net"] == 0.0 and report["stage_seconds"]["samples"] > 0
+    # a skipped stage keeps the seconds of the run that trained it (beside its checkpoint), for the comparison
+    before = report["stages_trained_before"]
+    assert before["latent U-Net"]["seconds"] == first["stage_seconds"]["latent U-Net"]
+    assert before["VAE"]["cpu_seconds"] == first["stage_cpu_seconds"]["VAE"]
     table = (tmp_path / "demo" / "compare" / "comparison.md").read_text().splitlines()
     assert len(table) == 3 and table[2].startswith("| ldm | VAE ")
     acc = report["prompt_accuracy"]
@@ -59,6 +64,8 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     assert f"| {report['r_precision']:.3f} |" in table[2]
     vae_weights = sum(t.numel() for t in vae_ckpt["model"].values() if t.is_floating_point())
     assert f"VAE {vae_weights / 1e6:.2f}M" in table[2]
+    unet_s = first["stage_seconds"]["latent U-Net"], first["stage_cpu_seconds"]["latent U-Net"]
+    assert f"latent U-Net {unet_s[0]:.0f} ({unet_s[1]:.0f})" in table[2]
     assert (tmp_path / "demo" / "compare" / "comparison.png").stat().st_size > 0
     assert "unknown family 'dall-e'" in cli_error(demo.main, argv + ["--family", "dall-e"], capsys)
     # a checkpoint of another config (an older preset) is neither used nor trained over
