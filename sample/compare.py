@@ -44,7 +44,7 @@ def family_row(family, module, runs):
     metrics = json.loads(path.read_text())
     if metrics.get("smoke"):
         print(f"  note: {path} comes from a --smoke run; its figures mean nothing")
-    stages = module.stages(Path(runs), bool(metrics.get("smoke")))
+    stages = module.stages(Path(metrics.get("parts_folder", runs)), bool(metrics.get("smoke")))
     cpu, before = metrics.get("stage_cpu_seconds", {}), metrics.get("stages_trained_before", {})
     parts = []
     for s in stages:  # a stage skipped as done (0 s) costs what the run that trained it recorded, if a demo did
@@ -57,7 +57,7 @@ def family_row(family, module, runs):
             "heldin": (acc["heldin"]["colour"], acc["heldin"]["shape"]),
             "heldout": (acc["heldout"]["colour"], acc["heldout"]["shape"]),
             "fid": metrics["fid"]["fid"], "clip_score": metrics["clip_score"]["generated"]["torchmetrics_clip_score"], "r_precision": metrics["r_precision"],
-            "total_seconds": metrics["total_seconds"]}
+            "total_seconds": metrics["total_seconds"], "parts_folder": metrics.get("parts_folder", str(runs))}
 
 
 def _seconds(wall, cpu):
@@ -120,8 +120,8 @@ def compare(families, runs, out, family_module):
     lines = (CONFIGS / "demo_prompts.txt").read_text().splitlines()
     prompts = [line.strip() for line in lines if line.strip()][:PICTURE_PROMPTS]
     smoke = [bool(json.loads((Path(runs) / "demo" / f / "metrics.json").read_text()).get("smoke")) for f in families]
-    pictures = [family_pictures(modules[f], runs, prompts, steps=2 if s else 50, smoke=s)
-                for f, s in zip(families, smoke)]
+    pictures = [family_pictures(modules[f], row["parts_folder"], prompts, steps=2 if s else 50, smoke=s)
+                for f, row, s in zip(families, rows, smoke)]
     text = table(rows)
     (out / "comparison.md").write_text(text)
     picture(families, pictures, prompts, out / "comparison.png")

@@ -129,8 +129,11 @@ def run_family(args, name):
     family = family_module(name)
     runs = Path(args.runs)
     demo = runs / "demo" / name
+    # under a budget every family trains all of its parts in its own minutes: the parts families share otherwise
+    # (the VAE of ldm and unclip, the CLIP of dalle and unclip) are trained per family, in runs/families/<name>/
+    parts = runs / "families" / name if args.budget_minutes is not None else runs
     judge_stages = judges(runs, args.smoke)
-    family_stages = family.stages(runs, args.smoke)
+    family_stages = family.stages(parts, args.smoke)
     timer = Timer()
     t_start = time.time()
     budget = None
@@ -143,7 +146,7 @@ def run_family(args, name):
 
     # ---- the trained parts
     train_stages(family_stages, judge_stages, demo / "logs", timer, args.sequential)
-    model = family.pipeline(runs) + family.sampling(args)  # the flags that name the pipeline and how it samples
+    model = family.pipeline(parts) + family.sampling(args)  # the flags that name the pipeline and how it samples
     sampled = model + ["--seed", "0", "--overwrite"]
 
     # ---- samples for people to look at
@@ -152,7 +155,7 @@ def run_family(args, name):
                    "--out", str(demo / "samples.png")]))
 
     # ---- metrics (sample/judging.py: the same figures for every family and every sweep point)
-    report = {"family": name}
+    report = {"family": name, "parts_folder": str(parts)}
     report.update(judge(model, demo, classifier, judge_clip, args.fid_images, args.accuracy_n, timer))
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu_seconds
@@ -171,7 +174,7 @@ def run_family(args, name):
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
     for line in summary_lines(report):
         print("  " + line)
-    report.update(family.report(runs, classifier, min(1000, args.fid_images), model=model, demo=demo,
+    report.update(family.report(parts, classifier, min(1000, args.fid_images), model=model, demo=demo,
                                 accuracy_n=args.accuracy_n))
     (demo / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"  pictures: {demo / 'samples.png'} (one row per prompt), "

@@ -51,7 +51,8 @@ def test_the_demo_trains_each_stage_for_its_planned_steps(tmp_path, capsys, monk
     demo.main(argv + ["--budget-minutes", "0.002"])
     report = json.loads((tmp_path / "demo" / "ldm" / "metrics.json").read_text())
     assert report["budget"]["minutes"] == 0.002
-    for stage in demo_ldm.stages(tmp_path, smoke=True):
+    assert report["parts_folder"] == str(tmp_path / "families" / "ldm")  # a budget's parts are the family's own
+    for stage in demo_ldm.stages(tmp_path / "families" / "ldm", smoke=True):
         assert report["budget"]["stages"][stage.name]["steps"] == 6
         assert load_checkpoint(stage.ckpt, stage.kind)["step"] == 6
     plan = (tmp_path / "demo" / "ldm" / "budget.json").read_text()
@@ -62,9 +63,27 @@ def test_the_demo_trains_each_stage_for_its_planned_steps(tmp_path, capsys, monk
     assert (tmp_path / "demo" / "ldm" / "budget.json").read_text() == plan
     # a budget too small for one step is refused before anything trains
     err = cli_error(demo.main, ["--runs", str(tmp_path / "b"), "--smoke", "--budget-minutes", "0.0001"], capsys)
-    assert "too small to train one step of the VAE stage" in err and not (tmp_path / "b" / "vae").exists()
+    assert "too small to train one step of the VAE stage" in err and not (tmp_path / "b" / "families").exists()
     # a folder trained without a budget is refused
-    (tmp_path / "c" / "vae").mkdir(parents=True)
-    (tmp_path / "c" / "vae" / "ckpt.pt").write_bytes((tmp_path / "vae" / "ckpt.pt").read_bytes())
+    (tmp_path / "c" / "families" / "ldm" / "vae").mkdir(parents=True)
+    (tmp_path / "c" / "families" / "ldm" / "vae" / "ckpt.pt").write_bytes(
+        (tmp_path / "families" / "ldm" / "vae" / "ckpt.pt").read_bytes())
     err = cli_error(demo.main, ["--runs", str(tmp_path / "c"), "--smoke", "--budget-minutes", "0.002"], capsys)
     assert "trained without --budget-minutes" in err
+
+
+def test_under_a_budget_every_family_trains_its_own_parts(tmp_path, capsys, monkeypatch):
+    """--family all --budget-minutes: ldm and unclip both need a VAE; each trains its own within its minutes (one
+    VAE at two step counts would be one checkpoint of two configs), and the comparison reads each family's parts."""
+    monkeypatch.setattr(budget, "seconds_per_step", lambda stage, folder, smoke, earlier: (0.01, None))
+    monkeypatch.setattr(demo, "FAMILIES", ("ldm", "unclip"))
+    demo.main(["--family", "all", "--runs", str(tmp_path), "--smoke", "--fid-images", "24", "--n", "1",
+               "--accuracy-n", "1", "--steps", "2", "--sequential", "--budget-minutes", "0.004"])
+    for family, stages in (("ldm", 2), ("unclip", 4)):  # 0.004 min = 0.24 s at 0.01 s per step over the stages
+        plan = json.loads((tmp_path / "demo" / family / "budget.json").read_text())["stages"]
+        assert len(plan) == stages and {p["steps"] for p in plan.values()} == {round(3 * 24 / (3 * stages))}
+        vae = load_checkpoint(tmp_path / "families" / family / "vae" / "ckpt.pt", "vae")
+        assert vae["step"] == plan["VAE"]["steps"]
+    assert not (tmp_path / "vae").exists()  # nothing shared between the families but the judges
+    table = (tmp_path / "demo" / "compare" / "comparison.md").read_text().splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| ldm", "| unclip"]
