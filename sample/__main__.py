@@ -43,6 +43,7 @@ from PIL import Image
 from core.images import image_grid, to_uint8
 from core.runtime import run_cli
 from models.pipeline import add_pipeline_arguments, add_sampling_flags, pipeline_from_args, settings_from_args
+from models.prompt_lm import add_prompt_lm_flags, check_prompt_lm_flags, load_prompt_lm, rewrite_for_pipeline
 
 
 def read_prompts(args):
@@ -71,6 +72,7 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--variations", nargs="+", metavar="IMAGE", help="unclip: images whose variations to draw")
     p.add_argument("--interpolate", nargs="+", metavar="X", help="unclip: two prompts or two images to interpolate")
+    add_prompt_lm_flags(p)
     return p
 
 
@@ -141,9 +143,13 @@ def main(argv=None):
     single_dir = out.with_suffix("")
     if not args.overwrite and (out.exists() or single_dir.exists()):
         raise ValueError(f"{out} or {single_dir}/ already exists; pass --overwrite or choose another --out")
+    check_prompt_lm_flags(args)
+    prompt_lm = load_prompt_lm(args.prompt_lm) if args.prompt_lm else None
     pipe, preset, device = pipeline_from_args(args)
     settings = settings_from_args(pipe, args, preset)
     pipe.check_prompts(prompts, truncate=args.truncate)  # fail on every bad prompt before any compute
+    if prompt_lm:  # the creative preset's prompt model: each prompt extended by sampling (models/prompt_lm.py)
+        prompts = rewrite_for_pipeline(prompt_lm, pipe, args.preset or preset, prompts, args)
 
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"{pipe.family} pipeline, {pipe.resolution} px: {settings}", flush=True)
