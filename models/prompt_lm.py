@@ -23,6 +23,8 @@ own distribution, above 1 rarer words. <start> and <pad> are never drawn (their 
 
 Notation: B batch, L = max_length positions, D width, V vocab (the tokenizer's).
 """
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +108,19 @@ def perplexity(model, tokenizer, captions, batch_size=512):
         nll += model.loss(ids.to(device), mask.to(device)).item() * n
         count += n
     return float(torch.tensor(nll / max(count, 1)).exp())
+
+
+def perplexity_floor(captions, tokenizer):
+    """The perplexity per token no model can beat on captions drawn like `captions`: exp(H / E[n]), with H the
+    plug-in entropy of the caption distribution (nats per caption, from the counts of the draws) and E[n] the
+    mean number of targets per caption (its tokens and <end>). A model's cross-entropy per caption is at least H
+    (Gibbs' inequality), and perplexity() divides it by the same E[n]. The plug-in estimate is low by about
+    (distinct captions - 1) / (2 draws) nats (Miller 1955), so give many more draws than distinct captions."""
+    counts = Counter(captions)
+    n = len(captions)
+    H = -sum(c / n * math.log(c / n) for c in counts.values())  # nats per caption
+    targets = sum(c / n * (len(tokenizer.encode(t)) + 1) for t, c in counts.items())
+    return math.exp(H / targets)
 
 
 @torch.no_grad()
@@ -196,9 +211,9 @@ def rewrite_for_pipeline(lm, pipe, preset, prompts, args):
                          f"is {preset or 'the checkpoint settings'})")
     model, tokenizer = lm
 
-    def fits(text):
+    def fits(text):  # within the pipeline's token limit (a prompt over it with --truncate gets no continuation)
         try:
-            pipe.check_prompts([text], truncate=args.truncate)
+            pipe.check_prompts([text])
             return True
         except ValueError:
             return False

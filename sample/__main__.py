@@ -25,6 +25,11 @@ unCLIP (--pipeline unclip, models/unclip.py) also decodes CLIP image embeddings 
     --interpolate X Y                two prompts, or two image files: --n pictures along the slerp of their
                                      embeddings (the prior's z_i of a prompt), one noise for all    (Fig. 4)
 
+The creative preset's prompt model (models/prompt_lm.py, train/prompt_lm.py): with --preset creative,
+--prompt-lm runs/prompt_lm/ckpt.pt [--prompt-temperature T] extends every prompt by sampling a continuation (the
+prompt stays its prefix; cut to the pipeline's token limit); the prompts used are printed and are the captions of
+metadata.jsonl.
+
 Writes the grid to --out and every image as its own PNG into a folder beside it (grid/0000.png, ...), with
 a metadata.jsonl (file_name, text) so the folder is a Hugging Face `imagefolder` that the metrics read.
 A cascade (--pipeline imagen) also writes <out stem>_stages.png: one row per image, its stages side by side (each

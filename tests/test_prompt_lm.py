@@ -5,6 +5,7 @@ continuation, the CLI prints and records the prompts it drew, and the bad input 
 import contextlib
 import io
 import json
+import math
 import re
 
 import pytest
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint
 from data.shapes import sample_scene
-from models.prompt_lm import PromptLM, PromptLMConfig, continue_tokens, load_prompt_lm, rewrite
+from models.prompt_lm import (PromptLM, PromptLMConfig, continue_tokens, load_prompt_lm, perplexity,
+                              perplexity_floor, rewrite)
 from models.tokenizer import BPETokenizer
 from tests.test_train_diffusion import TINY as DIFFUSION_TINY
 from tests.test_train_diffusion import cli_error
@@ -22,7 +24,7 @@ from train import diffusion, prompt_lm as train_prompt_lm
 
 TINY = ["model.width=32", "model.layers=1", "model.heads=2", "model.max_length=24", "tokenizer.vocab_size=300",
         "data.num_images=64", "train.batch_size=16", "train.warmup_steps=5", "train.log_every=1",
-        "train.eval_captions=50", "train.device=cpu"]
+        "train.eval_captions=50", "train.floor_captions=500", "train.device=cpu"]
 PRINTED = {}
 
 
@@ -83,11 +85,51 @@ def test_loss_counts_only_real_tokens():
     torch.testing.assert_close(model.loss(other, mask), expected)
 
 
+class Oracle(torch.nn.Module):
+    """A stand-in LM that knows the caption distribution: p(next token | prefix) from the counts of the captions
+    that start with that prefix. Its perplexity on those same captions is the floor exactly."""
+
+    def __init__(self, tokenizer, captions, max_length):
+        super().__init__()
+        self.cfg = PromptLMConfig(max_length=max_length, vocab_size=tokenizer.vocab_size)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.counts = {}
+        for c in captions:
+            row = [tokenizer.start_id] + tokenizer.encode(c) + [tokenizer.end_id]
+            for i in range(1, len(row)):
+                key = tuple(row[:i])
+                self.counts.setdefault(key, torch.zeros(tokenizer.vocab_size))[row[i]] += 1
+
+    def loss(self, ids, mask):
+        nll = []
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            n = sum(m)
+            for i in range(1, n):
+                c = self.counts[tuple(row[:i])]
+                nll.append(-math.log(c[row[i]] / c.sum()))
+        return torch.tensor(sum(nll) / len(nll))
+
+
+def test_perplexity_floor_is_the_perplexity_of_the_true_distribution():
+    distinct = list(dict.fromkeys(sample_scene(0, i)[0] for i in range(100)))[:40]
+    captions = distinct * 3 + distinct[:10]  # a known distribution: 10 captions 4 times, 30 captions 3 times
+    tokenizer = BPETokenizer.train(captions, 300, progress=False)
+    floor = perplexity_floor(captions, tokenizer)
+    assert perplexity(Oracle(tokenizer, captions, 32), tokenizer, captions, batch_size=50) == pytest.approx(floor)
+    p = [4 / 130] * 10 + [3 / 130] * 30  # exp(H / E[targets]) by hand
+    H = -sum(q * math.log(q) for q in p)
+    targets = sum(q * (len(tokenizer.encode(c)) + 1) for q, c in zip(p, distinct))
+    assert floor == pytest.approx(math.exp(H / targets))
+    assert perplexity(tiny_model(tokenizer.vocab_size, 32), tokenizer, captions) > floor  # any other model: above
+
+
 def test_training_lowers_the_loss_and_prints_perplexity_and_samples(lm_ckpt):
     log = losses(PRINTED["run"])
     assert sorted(log) == list(range(1, 81))
     assert sum(log[s] for s in range(76, 81)) / 5 < 0.6 * sum(log[s] for s in range(1, 6)) / 5
     assert re.search(r"perplexity per token on 50 fresh captions \(seed 1\): heldin [0-9.]+ \| heldout [0-9.]+",
+                     PRINTED["run"])
+    assert re.search(r"perplexity floor of the held-in captions \(their entropy per token, 500 draws\): [0-9.]+",
                      PRINTED["run"])
     for t in ("0.7", "1", "1.5"):
         assert f"temperature {t}: 'a red circle' -> 'a red circle" in PRINTED["run"]
@@ -207,6 +249,10 @@ def test_cli_prints_and_records_the_prompts_used(lm_ckpt, diffusion_ckpt, tmp_pa
     sample_cli.main(sample_args(diffusion_ckpt, tmp_path / "t.png", "--prompt", prompts[0], "--prompt", prompts[1],
                                 *flags))
     assert re.findall(r"-> used '(.*?)' ", capsys.readouterr().out) == used  # the same seed, the same prompts
+    long = "a small red circle and a large blue square on a green background"
+    assert len(pipe_tokenizer.encode(long)) + 2 > 16  # over the limit: --truncate cuts it, the LM adds nothing
+    sample_cli.main(sample_args(diffusion_ckpt, tmp_path / "u.png", "--prompt", long, "--truncate", *flags))
+    assert f"-> used {long!r} " in capsys.readouterr().out
 
 
 def test_cli_bad_prompt_lm_input(lm_ckpt, diffusion_ckpt, tmp_path, capsys):
