@@ -202,6 +202,18 @@ def check_prompt_lm_flags(args):
                          "--interpolate")
 
 
+def pipeline_fits(pipe):
+    """text -> whether the pipeline takes it within its token limit (a prompt already over it, which --truncate
+    lets through, gets no continuation)."""
+    def fits(text):
+        try:
+            pipe.check_prompts([text])
+            return True
+        except ValueError:
+            return False
+    return fits
+
+
 def rewrite_for_pipeline(lm, pipe, preset, prompts, args):
     """--prompt-lm: every prompt through the LM (on the CPU: it is small; seeded by --seed, apart from the
     pictures' generator), each continuation cut to the pipeline's token limit; prints what is used.
@@ -210,17 +222,9 @@ def rewrite_for_pipeline(lm, pipe, preset, prompts, args):
         raise ValueError(f"--prompt-lm routes prompts through the creative preset; add --preset creative (the preset "
                          f"is {preset or 'the checkpoint settings'})")
     model, tokenizer = lm
-
-    def fits(text):  # within the pipeline's token limit (a prompt over it with --truncate gets no continuation)
-        try:
-            pipe.check_prompts([text])
-            return True
-        except ValueError:
-            return False
-
     temperature = 1.0 if args.prompt_temperature is None else args.prompt_temperature
     used = rewrite(model, tokenizer, prompts, temperature, generator=torch.Generator().manual_seed(args.seed),
-                   fits=fits)
+                   fits=pipeline_fits(pipe))
     for given, new in zip(prompts, used):
         print(f"prompt {given!r} -> used {new!r} (prompt LM, temperature {temperature:g})", flush=True)
     return used
