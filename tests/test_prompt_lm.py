@@ -267,6 +267,7 @@ def test_cli_bad_prompt_lm_input(lm_ckpt, diffusion_ckpt, tmp_path, capsys):
          "holds a 'diffusion' checkpoint but a 'prompt_lm' checkpoint"),
         (["--prompt-lm", str(lm_ckpt)], "add --preset creative"),
         (["--preset", "quality", "--prompt-lm", str(lm_ckpt)], "add --preset creative"),
+        (["--preset", "creative", "--prompt-lm", str(lm_ckpt), "--variations", "x.png"], "drop it with --variations"),
     ]
     for flags, message in cases:
         assert message in cli_error(sample_cli.main, run + flags, capsys)
