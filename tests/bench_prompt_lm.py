@@ -62,7 +62,7 @@ def main(argv=None):
         holds = [parsed[i] is not None and caption_holds(used[i], d) for i, d in zip(rows, detected)]
         named = [(parsed[i]["background"], d["background"]) for i, d in zip(rows, detected)
                  if parsed[i] is not None and parsed[i]["background"]]
-        extended = [u != g for u, g in zip(used, given)]
+        extended = [u != v for u, v in zip(used, given)]
         with_bg = [bool(p and p["background"]) for p, e in zip(parsed, extended) if e]
         name = "off" if temperature is None else f"T {temperature:g}"
         print(f"{name:6s} well-formed {sum(p is not None for p in parsed)}/{len(used)} | extended {sum(extended)} "

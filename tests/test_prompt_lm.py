@@ -16,7 +16,8 @@ import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint
 from data.shapes import sample_scene
 from models.prompt_lm import (PromptLM, PromptLMConfig, continue_tokens, load_prompt_lm, perplexity,
-                              perplexity_floor, rewrite)
+                              perplexity_floor, pipeline_fits, rewrite)
+from models.pipeline import load_pipeline
 from models.tokenizer import BPETokenizer
 from tests.test_train_diffusion import TINY as DIFFUSION_TINY
 from tests.test_train_diffusion import cli_error
@@ -183,6 +184,9 @@ def test_rewrite_keeps_the_prompt_and_follows_the_seed(lm_ckpt):
     assert len(new) <= 2 and short == [prompts[0] + tokenizer.decode(new)]
     with pytest.raises(ValueError, match="temperature must be > 0"):
         seeded(0, temperature=0.0)
+    long = "a red circle " * 8  # more tokens than the model's 24 positions: no room, it comes back as given
+    assert len(tokenizer.encode(long)) + 1 >= model.cfg.max_length
+    assert rewrite(model, tokenizer, [long], generator=torch.Generator().manual_seed(0)) == [long]
 
 
 def greedy(model, tokenizer, prompt):
@@ -244,6 +248,9 @@ def test_cli_prints_and_records_the_prompts_used(lm_ckpt, diffusion_ckpt, tmp_pa
     model, tokenizer = load_prompt_lm(lm_ckpt)
     pipe_tokenizer = BPETokenizer.from_state_dict(load_checkpoint(diffusion_ckpt, "diffusion")["tokenizer"])
     assert all(len(pipe_tokenizer.encode(u)) + 2 <= 16 for u in used)  # within the pipeline's 16 tokens
+    expected = rewrite(model, tokenizer, prompts, 1.5, generator=torch.Generator().manual_seed(3),
+                       fits=pipeline_fits(load_pipeline(diffusion_ckpt)))
+    assert used == expected  # --seed seeds the prompt LM's draws, --prompt-temperature is its temperature
     meta = [json.loads(line) for line in (tmp_path / "s" / "metadata.jsonl").read_text().splitlines()]
     assert [m["text"] for m in meta] == [used[0], used[0], used[1], used[1]]
     sample_cli.main(sample_args(diffusion_ckpt, tmp_path / "t.png", "--prompt", prompts[0], "--prompt", prompts[1],
