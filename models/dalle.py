@@ -136,7 +136,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm residual block (GPT-2): x + Attn(LN(x)); x + MLP(LN(x))."""
+    """Pre-LayerNorm residual block (GPT-2): x + Attn(LN(x)); x + MLP(LN(x)). cfg: any config with width, heads
+    and dropout (models/prompt_lm.py builds its caption LM from these blocks too)."""
 
     def __init__(self, cfg: DalleConfig):
         super().__init__()

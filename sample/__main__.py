@@ -25,6 +25,11 @@ unCLIP (--pipeline unclip, models/unclip.py) also decodes CLIP image embeddings 
     --interpolate X Y                two prompts, or two image files: --n pictures along the slerp of their
                                      embeddings (the prior's z_i of a prompt), one noise for all    (Fig. 4)
 
+The creative preset's prompt model (models/prompt_lm.py, train/prompt_lm.py): with --preset creative,
+--prompt-lm runs/prompt_lm/ckpt.pt [--prompt-temperature T] extends every prompt by sampling a continuation (the
+prompt stays its prefix; cut to the pipeline's token limit); the prompts used are printed and are the captions of
+metadata.jsonl.
+
 Writes the grid to --out and every image as its own PNG into a folder beside it (grid/0000.png, ...), with
 a metadata.jsonl (file_name, text) so the folder is a Hugging Face `imagefolder` that the metrics read.
 A cascade (--pipeline imagen) also writes <out stem>_stages.png: one row per image, its stages side by side (each
@@ -43,6 +48,7 @@ from PIL import Image
 from core.images import image_grid, to_uint8
 from core.runtime import run_cli
 from models.pipeline import add_pipeline_arguments, add_sampling_flags, pipeline_from_args, settings_from_args
+from models.prompt_lm import add_prompt_lm_flags, check_prompt_lm_flags, load_prompt_lm, rewrite_for_pipeline
 
 
 def read_prompts(args):
@@ -71,6 +77,7 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--variations", nargs="+", metavar="IMAGE", help="unclip: images whose variations to draw")
     p.add_argument("--interpolate", nargs="+", metavar="X", help="unclip: two prompts or two images to interpolate")
+    add_prompt_lm_flags(p)
     return p
 
 
@@ -141,9 +148,13 @@ def main(argv=None):
     single_dir = out.with_suffix("")
     if not args.overwrite and (out.exists() or single_dir.exists()):
         raise ValueError(f"{out} or {single_dir}/ already exists; pass --overwrite or choose another --out")
+    check_prompt_lm_flags(args)
+    prompt_lm = load_prompt_lm(args.prompt_lm) if args.prompt_lm else None
     pipe, preset, device = pipeline_from_args(args)
     settings = settings_from_args(pipe, args, preset)
     pipe.check_prompts(prompts, truncate=args.truncate)  # fail on every bad prompt before any compute
+    if prompt_lm:  # the creative preset's prompt model: each prompt extended by sampling (models/prompt_lm.py)
+        prompts = rewrite_for_pipeline(prompt_lm, pipe, args.preset or preset, prompts, args)
 
     g = torch.Generator(device).manual_seed(args.seed)
     print(f"{pipe.family} pipeline, {pipe.resolution} px: {settings}", flush=True)

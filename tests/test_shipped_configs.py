@@ -10,6 +10,7 @@ from models.dalle import check_config as check_dalle_config
 from models.dalle_pipeline import DallePipelineConfig, PRESETS as DALLE_PRESETS
 from models import imagen
 from models.pipeline import DiffusionPipelineConfig
+from models.prompt_lm import check_config as check_prompt_lm_config
 from models.text2image import PRESETS
 from models.unet import UNet
 from train import diffusion
@@ -18,6 +19,7 @@ from train.dalle import DalleTrainConfig
 from train.dvae import DVAETrainConfig, check_config as check_dvae_config
 from train.clip import ClipTrainConfig
 from train.prior import PriorTrainConfig
+from train.prompt_lm import PromptLMTrainConfig
 from models.unclip import UnCLIPPipelineConfig
 from train.text_lm import TextLMTrainConfig
 from train.vae import VAETrainConfig
@@ -27,7 +29,8 @@ KINDS = {"classifier": ClassifierTrainConfig, "clip": ClipTrainConfig, "text_lm"
          "diffusion": diffusion.DiffusionConfig, "vae": VAETrainConfig, "pipeline_unclip": UnCLIPPipelineConfig,
          "pipeline_dalle": DallePipelineConfig, "dalle": DalleTrainConfig, "dvae": DVAETrainConfig,
          "imagen_": diffusion.DiffusionConfig, "pipeline_imagen": imagen.ImagenPipelineConfig,
-         "pipeline": DiffusionPipelineConfig, "prior": PriorTrainConfig, "decoder": diffusion.DiffusionConfig}
+         "pipeline": DiffusionPipelineConfig, "prior": PriorTrainConfig, "decoder": diffusion.DiffusionConfig,
+         "prompt_lm": PromptLMTrainConfig}
 
 
 def kind_of(path):
@@ -57,6 +60,8 @@ def test_shipped_config_loads(path):
         assert cfg.preset in DALLE_PRESETS
     if isinstance(cfg, DVAETrainConfig):
         check_dvae_config(cfg)
+    if isinstance(cfg, PromptLMTrainConfig):
+        check_prompt_lm_config(cfg.model)
     if isinstance(cfg, DalleTrainConfig):
         check_dalle_config(cfg.model)
         cfg.sampling.check()
