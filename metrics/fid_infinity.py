@@ -72,14 +72,13 @@ def fid_infinity(features_a, mu_b, sigma_b, points=15, seed=2020, min_n=None):
 def plot_fid_against_n(fits, path, title=""):
     """fits: one fid_infinity() dict, or {label: dict}. FID_N against 1/N, the fitted lines and FID_inf."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook that calls this keeps its backend
 
     fits = fits if "n" not in fits else {"A vs B": fits}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     title = textwrap.fill(title, 95)
-    for (label, fit), colour in zip(fits.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    for (label, fit), colour in zip(fits.items(), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]):
         inv_n = 1.0 / np.array(fit["n"])
         ax.plot(inv_n, fit["fid"], "o", color=colour, label=f"{label}: FID_N of subsets")
         line = np.linspace(0, inv_n.max(), 50)
@@ -98,7 +97,6 @@ def plot_fid_against_n(fits, path, title=""):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the figure in the docs

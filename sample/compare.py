@@ -14,17 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # not pyplot: drawing here must not change a notebook's backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import sample.__main__ as sample_cli  # noqa: E402
-from core.checkpoint import load_checkpoint  # noqa: E402
-from core.images import to_uint8  # noqa: E402
-from sample.stages import CONFIGS  # noqa: E402
+import sample.__main__ as sample_cli
+from core.checkpoint import load_checkpoint
+from core.images import to_uint8
+from sample.stages import CONFIGS
 
 PICTURE_PROMPTS = 8  # the first prompts of configs/shapes/demo_prompts.txt, one column each
 
@@ -94,8 +91,8 @@ def family_pictures(module, runs, prompts, seed=0, steps=50, guidance=3.0, smoke
 def picture(names, pictures, prompts, out, size=64):
     """One row per family, one column per prompt; every picture shown at size x size (nearest neighbour, so a
     family's own resolution stays visible as its pixel size)."""
-    fig, axes = plt.subplots(len(names), len(prompts), figsize=(1.3 * len(prompts), 1.45 * len(names) + 0.3),
-                             squeeze=False)
+    fig = Figure(figsize=(1.3 * len(prompts), 1.45 * len(names) + 0.3))
+    axes = fig.subplots(len(names), len(prompts), squeeze=False)
     for i, (name, row) in enumerate(zip(names, pictures)):
         for j, arr in enumerate(row):
             reps = max(1, size // arr.shape[0])
@@ -108,7 +105,6 @@ def picture(names, pictures, prompts, out, size=64):
                 axes[i, j].set_title(prompts[j], fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 def compare(families, runs, out, family_module):

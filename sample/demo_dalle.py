@@ -96,11 +96,11 @@ def reranking_curve(runs, classifier, candidates=CANDIDATES, n=2, seed=0, out=No
 
 
 def plot_curve(curve, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook that calls this keeps its backend
+
     Ns = sorted(curve)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    a, b = fig.subplots(1, 2)
     for split, style in (("heldin", "-"), ("heldout", "--")):
         for attr, colour in (("colour", "tab:red"), ("shape", "tab:blue")):
             a.plot(Ns, [curve[N][split][attr] for N in Ns], style, color=colour, marker="o", label=f"{split} {attr}")
@@ -114,7 +114,6 @@ def plot_curve(curve, path):
     fig.suptitle("DALL-E re-ranking (Ramesh et al. 2021, Fig. 9 in miniature)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):

@@ -119,16 +119,15 @@ def axis_values(values):
 
 def plot_against_key(rows, metric, key, keys, path):
     """METRIC against KEY; one line per setting of the other keys that vary in these rows."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook that calls this keeps its backend
 
     others = [k for k in keys if k != key and len({str(r[k]) for r in rows}) > 1]
     lines = {}
     for row in rows:
         if row[metric] is not None:
             lines.setdefault(tuple(str(row[k]) for k in others), []).append(row)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     _, ticks = axis_values([r[key] for r in rows])
     for label, members in lines.items():
         xs, _ = axis_values([r[key] for r in members]) if ticks is None else (
@@ -145,7 +144,6 @@ def plot_against_key(rows, metric, key, keys, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def pareto_rows(rows, curve_keys, keys, linked, base):
@@ -157,16 +155,15 @@ def pareto_rows(rows, curve_keys, keys, linked, base):
 
 def plot_pareto(rows, mx, my, curve_keys, keys, linked, base, path, title=""):
     """MY against MX, one curve per value of curve_keys, its points the sampling settings (annotated)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook that calls this keeps its backend
 
     sampling = [k for k in keys if is_sampling(k) and len({str(r[k]) for r in rows}) > 1]
     curves = {}
     for row in pareto_rows(rows, curve_keys, keys, linked, base):
         if row[mx] is not None and row[my] is not None:
             curves.setdefault(tuple(str(row[k]) for k in curve_keys), []).append(row)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     for label, members in curves.items():
         members.sort(key=lambda r: [number(r[k]) if number(r[k]) is not None else str(r[k]) for k in sampling])
         ax.plot([r[mx] for r in members], [r[my] for r in members], "o-",
@@ -181,7 +178,6 @@ def plot_pareto(rows, mx, my, curve_keys, keys, linked, base, path, title=""):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def report(args, out, runs, keys, linked, base):

@@ -42,3 +42,20 @@ def test_notebook_runs_in_quick_mode(path, quick_runs, monkeypatch):
         client.execute()
     except CellExecutionError as e:
         pytest.fail(f"{path.name}: {str(e).strip().splitlines()[-1]}\n{e}")
+
+
+def test_the_library_leaves_a_notebooks_plotting_backend_alone(tmp_path):
+    """The figures the library saves (comparison, sweep plots, FID against N, re-ranking curve) are drawn on
+    matplotlib Figures, never through pyplot's global backend: a notebook that imports sample.demo and calls them
+    still shows its own plots inline (matplotlib.use("Agg") at import once left families.ipynb without pictures)."""
+    import subprocess
+    import sys
+    code = ("import matplotlib, sample.demo, sample.compare, sample.sweep, sample.demo_dalle, metrics.fid_infinity\n"
+            "from metrics.fid_infinity import plot_fid_against_n\n"
+            f"plot_fid_against_n({{'n': [10, 20], 'fid': [2.0, 1.5], 'fid_infinity': 1.0, 'slope': 10.0}}, "
+            f"r'{tmp_path / 'fid.png'}')\n"
+            "print(matplotlib.get_backend())")
+    env = dict(os.environ, MPLBACKEND="svg", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "svg" and (tmp_path / "fid.png").stat().st_size > 0
