@@ -5,8 +5,10 @@ not step counts (issue 23).
 
 A family's config files state how many steps each of its stages trains (S_i). How long a step takes (r_i seconds)
 is measured here, on this machine, by short runs of the stage's own training script into a temporary folder, of
-k1 = 1 and k2 steps (k2 grown until the run takes 10 s longer), so that r_i = (t2 - t1) / (k2 - k1): what both runs
-pay besides the steps (rendering the data, encoding latents, building the model, the evaluation at the end) cancels. A later stage's timing runs use an
+k1 = 1 and k2 steps (k2 grown until the run takes 10 s, and the 1-step run's time, longer), so that
+r_i = (t2 - t1) / (k2 - k1): what both runs pay besides the steps (rendering the data, encoding latents, building the
+model, the evaluation at the end) cancels, and its noise is small against the difference. Time on a quiet machine:
+a second job on the two cores (oversubscribed threads) slows some runs several times and makes the plan wrong. A later stage's timing runs use an
 earlier stage's timing checkpoint where its overrides name that stage's checkpoint (the latent U-Net's VAE). Then every stage is scaled by one
 factor, so the budget is split across the stages in the proportions the configs state:
 
@@ -35,9 +37,9 @@ def configured_steps(stage):
 
 def seconds_per_step(stage, folder, smoke=False, earlier=None):
     """Wall seconds of one training step of `stage` here, from whole runs of its script into `folder`: k1 steps,
-    then k2 steps with k2 - k1 growing 4x until the k2 run takes MIN_DIFFERENCE seconds longer (so that the noise of
-    what both runs pay besides the steps stays small against it); the difference of their times over the difference
-    of their steps. earlier: {checkpoint path of an earlier stage: its timing checkpoint}, put in place of that path
+    then k2 steps with k2 - k1 growing 4x until the k2 run takes max(MIN_DIFFERENCE, t1) seconds longer (so that the
+    noise of what both runs pay besides the steps stays small against it); the difference of their times over the
+    difference of their steps. earlier: {checkpoint path of an earlier stage: its timing checkpoint}, put in place of that path
     in the stage's overrides (the latent U-Net needs a VAE). Returns (seconds per step, the last run's checkpoint)."""
     overrides = []
     for item in stage.overrides:
@@ -55,7 +57,9 @@ def seconds_per_step(stage, folder, smoke=False, earlier=None):
     k1, k2 = 1, 2
     t1, _ = run(k1)
     t2, ckpt = run(k2)
-    while not smoke and t2 - t1 < MIN_DIFFERENCE and k2 < MAX_TIMING_STEPS:
+    # the steps' share must outweigh the noise of what both runs pay besides them (rendering, encoding, evaluating:
+    # t1, nearly all of it), so the k2 run must take MIN_DIFFERENCE seconds and t1 longer than the 1-step run
+    while not smoke and t2 - t1 < max(MIN_DIFFERENCE, t1) and k2 < MAX_TIMING_STEPS:
         k2 = k1 + 4 * (k2 - k1)
         t2, ckpt = run(k2)
     return max(t2 - t1, 1e-3) / (k2 - k1), ckpt

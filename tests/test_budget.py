@@ -87,3 +87,24 @@ def test_under_a_budget_every_family_trains_its_own_parts(tmp_path, capsys, monk
     assert not (tmp_path / "vae").exists()  # nothing shared between the families but the judges
     table = (tmp_path / "demo" / "compare" / "comparison.md").read_text().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == ["| ldm", "| unclip"]
+
+
+def test_a_step_is_timed_against_the_noise_of_what_every_run_pays(tmp_path, monkeypatch):
+    """A fake script: every run pays F seconds besides its steps (30 s, 35 s for the first run: the noise of
+    rendering and encoding) and 0.1 s a step. The 1-step run's noise must be small against the timed difference:
+    stopping at 10 s of difference would give 0.080 s per step (20% off); growing until the difference exceeds the
+    1-step run's own time gives 0.095."""
+    clock = [0.0]
+    fixed = iter([35.0] + [30.0] * 20)
+
+    class Script:
+        @staticmethod
+        def main(argv):
+            steps = int(next(a for a in argv if a.startswith("train.steps=")).partition("=")[2])
+            clock[0] += next(fixed) + 0.1 * steps
+
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    (vae,) = [s for s in demo_ldm.stages(tmp_path, smoke=False) if s.name == "VAE"]
+    vae.script = Script
+    rate, _ = budget.seconds_per_step(vae, tmp_path / "timing")
+    assert rate == pytest.approx(0.1, rel=0.06)
