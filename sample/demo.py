@@ -175,7 +175,7 @@ def run_family(args, name):
     for line in summary_lines(report):
         print("  " + line)
     report.update(family.report(parts, classifier, min(1000, args.fid_images), model=model, demo=demo,
-                                accuracy_n=args.accuracy_n))
+                                accuracy_n=args.accuracy_n, judge_clip=judge_clip))
     (demo / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"  pictures: {demo / 'samples.png'} (one row per prompt), "
           f"{demo / 'prompt_accuracy_heldin.png'}, {demo / 'prompt_accuracy_heldout.png'}, {demo / 'generated'}/")

@@ -54,9 +54,10 @@ def sampling(args):
 
 
 @torch.no_grad()
-def reranking_curve(runs, classifier, candidates=CANDIDATES, n=2, seed=0, out=None):
+def reranking_curve(runs, classifier, judge_clip, candidates=CANDIDATES, n=2, seed=0, out=None):
     """Prompt accuracy (held-in and held-out prompts, `n` pictures each) and the judge CLIP's score of the kept
-    pictures, for each number of candidates N (the best of N by the re-ranking CLIP kept). Returns
+    pictures (judge_clip: its checkpoint), for each number of candidates N (the best of N by the re-ranking CLIP
+    kept). Returns
     {N: {heldin: {colour, shape}, heldout: {...}, clip_score}}; with `out`, a plot of the curve there."""
     from data.claims import eval_prompts, judge
     from metrics.prompt_accuracy import summarise
@@ -67,7 +68,7 @@ def reranking_curve(runs, classifier, candidates=CANDIDATES, n=2, seed=0, out=No
     pipe = load_dalle_pipeline(runs / "dalle" / "ckpt.pt", dvae=runs / "dvae" / "ckpt.pt",
                                clip=runs / "clip" / "ckpt.pt")
     clf, _ = load_classifier(classifier)
-    judge_clip, judge_tok, _ = load_clip(runs / "clip_demo" / "ckpt.pt")
+    judge_clip, judge_tok, _ = load_clip(judge_clip)
     curve = {}
     for N in candidates:
         settings = pipe.settings_with(candidates=N)
@@ -116,7 +117,7 @@ def plot_curve(curve, path):
     fig.savefig(path, dpi=120)
 
 
-def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
     """The dVAE's held-out PSNR and codebook usage, and the re-ranking curve (N = 1 and 4 only, one picture per
     prompt, when num_images < 100: the demo's --smoke). (model, accuracy_n: the contract's other arguments, unused
     here: the curve samples with its own candidates.)"""
@@ -125,7 +126,8 @@ def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
           f"{dvae.get('codes_used')} of {dvae['config']['dvae']['vocab_size']} codes used (held-out)")
     demo = demo or runs / "demo" / "dalle"
     small = num_images < 100
-    curve = reranking_curve(runs, classifier, candidates=CANDIDATES[:2] if small else CANDIDATES, n=1 if small else 2,
+    curve = reranking_curve(runs, classifier, judge_clip or runs / "clip_demo" / "ckpt.pt",
+                            candidates=CANDIDATES[:2] if small else CANDIDATES, n=1 if small else 2,
                             out=demo / "reranking.png")
     (demo / "reranking.json").write_text(json.dumps(curve, indent=2) + "\n")
     print(f"  re-ranking curve: {demo / 'reranking.png'}")

@@ -73,9 +73,9 @@ def parameter_counts(runs):
     return counts
 
 
-def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
     """Each SR stage on ground-truth low-resolution input (PSNR / SSIM against bicubic, consistency, colour error) and
-    the U-Nets' parameter counts. (model, demo, accuracy_n: the contract's other arguments, unused here.)"""
+    the U-Nets' parameter counts. (model, demo, accuracy_n, judge_clip: the contract's other arguments, unused here.)"""
     from metrics.super_resolution import evaluate, report_lines
 
     n = max(2, min(100, num_images))

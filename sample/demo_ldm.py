@@ -65,10 +65,10 @@ def reconstruction_accuracy(vae_path, classifier_path, num_images=1000, seed=5, 
     return score(predict_attributes(classifier, rec), attributes)
 
 
-def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
     """The VAE's held-out PSNR and scale factor, and what its reconstructions keep of the prompt's attributes.
-    (model, demo, accuracy_n: the pipeline's flags, the demo folder and images per prompt, for families that judge
-    more; unused here.)"""
+    (model, demo, accuracy_n, judge_clip: the pipeline's flags, the demo folder, images per prompt and the judge
+    CLIP's checkpoint, for families that judge more; unused here.)"""
     vae_path = runs / "vae" / "ckpt.pt"
     vae = load_checkpoint(vae_path, "vae")
     rec = reconstruction_accuracy(vae_path, classifier, num_images=num_images)

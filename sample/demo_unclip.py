@@ -62,7 +62,7 @@ def sampling(args):
     return ["--sampler", "ddim", "--steps", str(args.steps), "--guidance", str(args.guidance)]
 
 
-def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4):
+def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
     """The prior's figures, and the decoder's prompt accuracy with the true z_i and with z_t (no prior)."""
     from models.clip import load_clip
     prior_path = runs / "prior" / "ckpt.pt"
