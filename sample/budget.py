@@ -9,7 +9,8 @@ k1 = 1 and k2 steps (k2 grown until the run takes 10 s, and the 1-step run's tim
 r_i = (t2 - t1) / (k2 - k1): what both runs pay besides the steps (rendering the data, encoding latents, building the
 model, the evaluation at the end) cancels, and its noise is small against the difference. Time on a quiet machine:
 a second job on the two cores (oversubscribed threads) slows some runs several times and makes the plan wrong. A later stage's timing runs use an
-earlier stage's timing checkpoint where its overrides name that stage's checkpoint (the latent U-Net's VAE). Then every stage is scaled by one
+earlier stage's timing checkpoint where its overrides name that stage's checkpoint (the latent U-Net's VAE, the
+Imagen stages' text LM: `text_encoder=lm:<path>`). Then every stage is scaled by one
 factor, so the budget is split across the stages in the proportions the configs state:
 
     scale = 60 * minutes / sum_i S_i r_i          steps_i = round(S_i * scale)     warmup_i = round(W_i * scale)
@@ -42,9 +43,12 @@ def seconds_per_step(stage, folder, smoke=False, earlier=None):
     difference of their steps. earlier: {checkpoint path of an earlier stage: its timing checkpoint}, put in place of that path
     in the stage's overrides (the latent U-Net needs a VAE). Returns (seconds per step, the last run's checkpoint)."""
     overrides = []
-    for item in stage.overrides:
+    for item in stage.overrides:  # vae=<path>, clip=<path>, text_encoder=lm:<path> or clip:<path>
         key, _, value = item.partition("=")
-        overrides.append(f"{key}={earlier[value]}" if value in (earlier or {}) else item)
+        prefix, _, path = value.rpartition(":") if value.startswith(("lm:", "clip:")) else ("", "", value)
+        if path in (earlier or {}):
+            value = f"{prefix}:{earlier[path]}" if prefix else str(earlier[path])
+        overrides.append(f"{key}={value}")
 
     def run(k):
         out = Path(folder) / f"{stage.ckpt.parent.name}_{k}"

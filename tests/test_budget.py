@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.checkpoint import load_checkpoint
-from sample import budget, demo, demo_ldm
+from sample import budget, demo, demo_imagen, demo_ldm
 from tests.test_train_diffusion import cli_error
 
 
@@ -41,6 +41,12 @@ def test_timing_runs_hand_the_earlier_stages_checkpoint_on(tmp_path):
     ckpt = load_checkpoint(unet_ckpt, "diffusion")
     assert rate > 0 and ckpt["step"] == 2 and Path(ckpt["config"]["vae"]) == vae_ckpt
     assert not vae.ckpt.exists() and not unet.ckpt.exists()  # nothing of the demo's own folder was written
+    # a frozen encoder named with its kind (text_encoder=lm:<path>, as the Imagen stages do) is handed on too
+    lm, base = demo_imagen.stages(tmp_path, smoke=True)[:2]
+    _, lm_ckpt = budget.seconds_per_step(lm, tmp_path / "timing", smoke=True)
+    _, base_ckpt = budget.seconds_per_step(base, tmp_path / "timing", smoke=True, earlier={str(lm.ckpt): lm_ckpt})
+    assert load_checkpoint(base_ckpt, "diffusion")["config"]["text_encoder"] == f"lm:{lm_ckpt}"
+    assert not lm.ckpt.exists()
 
 
 def test_the_demo_trains_each_stage_for_its_planned_steps(tmp_path, capsys, monkeypatch):
