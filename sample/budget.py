@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from core.config import load_config
+from sample.stages import checkpoint_reference
 
 MIN_DIFFERENCE = 10.0    # seconds the longer timing run must take beyond the 1-step one (--smoke: not asked)
 MAX_TIMING_STEPS = 2000  # the longest timing run
@@ -45,9 +46,9 @@ def seconds_per_step(stage, folder, smoke=False, earlier=None):
     overrides = []
     for item in stage.overrides:  # vae=<path>, clip=<path>, text_encoder=lm:<path> or clip:<path>
         key, _, value = item.partition("=")
-        prefix, _, path = value.rpartition(":") if value.startswith(("lm:", "clip:")) else ("", "", value)
+        kind, path = checkpoint_reference(value)
         if path in (earlier or {}):
-            value = f"{prefix}:{earlier[path]}" if prefix else str(earlier[path])
+            value = f"{kind}:{earlier[path]}" if kind else str(earlier[path])
         overrides.append(f"{key}={value}")
 
     def run(k):

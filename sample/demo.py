@@ -169,8 +169,9 @@ def run_family(args, name):
     # ---- the summary
     print(f"\n==== {name} demo summary" + ("  (--smoke: a few steps per stage; the figures mean nothing)"
                                                   if args.smoke else ""))
-    for name, seconds in timer.seconds.items():
-        print(f"  {name:32s} {seconds:6.0f} s" + ("  (beside the next stage, one thread)" if name in timer.beside else ""))
+    for stage, seconds in timer.seconds.items():
+        print(f"  {stage:32s} {seconds:6.0f} s" + ("  (beside the next stage, one thread)" if stage in timer.beside
+                                                  else ""))
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
     for line in summary_lines(report):
         print("  " + line)

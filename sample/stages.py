@@ -66,6 +66,13 @@ WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after")  # not wha
                                                                      # or a run resumed in pieces is the same stage
 
 
+def checkpoint_reference(value):
+    """A config value naming a checkpoint: '<path>', or a frozen text encoder's 'lm:<path>' / 'clip:<path>'
+    (models/text2image.load_frozen_text_encoder) -> (its kind, '' for a plain path; the path)."""
+    kind, sep, path = value.partition(":")
+    return (kind, path) if sep and kind in ("lm", "clip") else ("", value)
+
+
 def same_stage(stored, wanted):
     """`wanted` when both name the checkpoint of one stage of a runs folder (`[lm:|clip:]<folder>/<stage>/ckpt.pt`
     with the same prefix, stage and file), else `stored`: the upstream checkpoints a stage was trained on (vae, dvae,
@@ -74,8 +81,8 @@ def same_stage(stored, wanted):
     compares the fingerprint (VAE, dVAE, CLIP) the checkpoint stored at training."""
     if not (isinstance(stored, str) and isinstance(wanted, str)) or not stored.endswith(".pt"):
         return stored
-    (p1, _, a), (p2, _, b) = (v.rpartition(":") if ":" in v.split("/")[0] else ("", "", v) for v in (stored, wanted))
-    return wanted if p1 == p2 and Path(a).parts[-2:] == Path(b).parts[-2:] else stored
+    (k1, a), (k2, b) = checkpoint_reference(stored), checkpoint_reference(wanted)
+    return wanted if k1 == k2 and Path(a).parts[-2:] == Path(b).parts[-2:] else stored
 
 
 def stage_done(ckpt_path, kind, config_cls, argv, filled_in=()):
