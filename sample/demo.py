@@ -22,10 +22,11 @@ the stage's process: the cost that does not depend on what else the machine ran)
 `--smoke` shrinks every stage to a few steps: a check that the whole chain runs (tests/test_demo.py), not a result.
 The notebooks get the same trained parts from `trained_parts` (the demo's runs/, or trained by the same stages).
 
-On a machine with two or more cores the classifier trains in a child process on one thread (its output in
-runs/demo/<family>/logs/classifier.log) beside the family's first stage: the small models of the tiny presets
-use a second thread poorly (the VAE, batch 8: 168 s on one thread, 142 s on two; the classifier 134-200 s and
-91 s), so this saves 1.5 to 2 minutes. `--sequential` runs every stage here, in turn.
+On a machine with two or more cores the two judges train one after the other in child processes on one thread each
+(their output in runs/demo/<family>/logs/<judge>.log) beside the family's stages, which need nothing from them: the
+small models of the tiny presets use a second thread poorly (the latent U-Net: 1.17x on two threads; the VAE, batch
+8: 168 s on one thread, 142 s on two), so two one-thread lanes end first. `--sequential` runs every stage here, in
+turn.
 """
 import argparse
 import json
@@ -41,7 +42,7 @@ from sample import demo_dalle, demo_imagen, demo_ldm, demo_unclip
 from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
-from sample.stages import CONFIGS, Background, Timer, judges, keep_stage_seconds
+from sample.stages import CONFIGS, Lane, Timer, judges, keep_stage_seconds
 
 FAMILIES = ("ldm", "dalle", "imagen", "unclip")  # python -m sample.demo --family NAME; each: sample/demo_<family>.py
 
@@ -70,7 +71,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=50, help="sampling steps (diffusion families)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--sequential", action="store_true",
-                   help="train the classifier here, before the family's first stage, instead of beside it")
+                   help="train the judges here, before the family's stages, instead of beside them")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="train every stage of the family for this many minutes in all, split as its configs' steps "
                         "are (sample/budget.py); default runs folder runs/budget_<M>min")
@@ -79,32 +80,35 @@ def build_parser():
 
 
 def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
-    """The judges and the family's stages, in order; the classifier beside the family's first stage when there are
-    two cores and both still have to train."""
-    classifier, judge_clip = judge_stages
-    first, rest = family_stages[0], family_stages[1:]
-    beside = None
-    if classifier.done():
-        timer.skipped(classifier.name)
-    elif not first.done() and not sequential and (os.cpu_count() or 1) >= 2:
-        beside = Background(classifier.name, classifier.module, classifier.argv, log_dir, timer)
-        beside.start()
+    """The judges and the family's stages. With two cores or more and both still to train, the judges that are not
+    done train in a lane of their own (a child process on one thread each, one after the other: sample/stages.Lane)
+    beside the family's stages, which get the other threads until the lane ends; else everything here, in turn."""
+    for stage in judge_stages:
+        if stage.done():
+            timer.skipped(stage.name)
+    pending = [stage for stage in judge_stages if stage.name not in timer.seconds]
+    family_left = [stage for stage in family_stages if not stage.done()]
+    lane = None
+    if pending and family_left and not sequential and (os.cpu_count() or 1) >= 2:
+        lane = Lane(pending, log_dir, timer)
+        lane.start()
     else:
-        timer.run(classifier.name, lambda: classifier.script.main(classifier.argv))
-    if beside:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads - 1))
-        try:
-            timer.run(first.name, lambda: first.script.main(first.argv))
-        except BaseException:  # an error or Ctrl-C here: the classifier stops too
-            beside.stop()
-            raise
+        for stage in pending:
+            timer.run(stage.name, lambda: stage.script.main(stage.argv))
+    threads = torch.get_num_threads()
+    try:
+        for stage in family_stages:
+            # one thread fewer while the lane trains; all of them again for the stages that start after it ended
+            torch.set_num_threads(max(1, threads - 1) if lane and not lane.done() else threads)
+            timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage not in family_left)
+    except BaseException:  # an error or Ctrl-C here: the lane stops too
+        if lane:
+            lane.stop()
+        raise
+    finally:
         torch.set_num_threads(threads)
-        beside.wait()
-    else:
-        timer.run(first.name, lambda: first.script.main(first.argv), skip=first.done())
-    for stage in (judge_clip, *rest):
-        timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
+    if lane:
+        lane.wait()
     keep_stage_seconds((*judge_stages, *family_stages), timer)
 
 
@@ -170,7 +174,7 @@ def run_family(args, name):
     print(f"\n==== {name} demo summary" + ("  (--smoke: a few steps per stage; the figures mean nothing)"
                                                   if args.smoke else ""))
     for stage, seconds in timer.seconds.items():
-        print(f"  {stage:32s} {seconds:6.0f} s" + ("  (beside the next stage, one thread)" if stage in timer.beside
+        print(f"  {stage:32s} {seconds:6.0f} s" + ("  (beside the family's stages, one thread)" if stage in timer.beside
                                                   else ""))
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
     for line in summary_lines(report):

@@ -1,5 +1,6 @@
 """The README's main job, end to end at a few steps per stage: every stage runs, hands its checkpoint to the next,
 and the demo writes its pictures and figures; a second run skips the finished stages."""
+import dataclasses
 import json
 import os
 import time
@@ -10,7 +11,7 @@ import torch
 from core.checkpoint import load_checkpoint
 from data.claims import eval_prompts
 from sample import demo, demo_ldm
-from sample.stages import Background, Timer
+from sample.stages import Background, Lane, Timer, judges
 from tests.test_train_diffusion import cli_error
 
 
@@ -21,15 +22,17 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     out = capsys.readouterr().out
     folder = tmp_path / "demo" / "ldm"
     report = json.loads((folder / "metrics.json").read_text())
-    stages = ["classifier", "VAE", "judge CLIP", "latent U-Net", "samples", "prompt accuracy",
+    stages = ["classifier", "judge CLIP", "VAE", "latent U-Net", "samples", "prompt accuracy",
               "images for FID and CLIP score", "FID, KID and CLIP score"]
     assert list(report["stage_seconds"]) == stages and all(s > 0 for s in report["stage_seconds"].values())
-    # CPU seconds of every stage, the classifier's from its child process (it trained beside the VAE)
-    assert list(report["stage_cpu_seconds"]) == stages and report["stage_cpu_seconds"]["classifier"] > 0
-    if os.cpu_count() >= 2:  # the classifier trained in a child process beside the VAE, its output in logs/
-        assert report["stages_beside"] == ["classifier"]
+    # CPU seconds of every stage, the judges' from their child processes (they trained beside the family's stages)
+    assert list(report["stage_cpu_seconds"]) == stages
+    assert report["stage_cpu_seconds"]["classifier"] > 0 and report["stage_cpu_seconds"]["judge CLIP"] > 0
+    if os.cpu_count() >= 2:  # the judges trained in child processes, one after the other, their output in logs/
+        assert report["stages_beside"] == ["classifier", "judge CLIP"]
         assert "accuracy on 32 fresh renders" not in out
         assert "accuracy on 32 fresh renders" in (folder / "logs" / "classifier.log").read_text()
+        assert (folder / "logs" / "judge_CLIP.log").read_text().strip()
     # every prompt was judged (one image each: --accuracy-n 1), and every image counted by FID and CLIP score
     assert report["prompt_accuracy"]["heldin"]["images"] == len(eval_prompts("train"))
     assert report["prompt_accuracy"]["heldout"]["images"] == len(eval_prompts("heldout"))
@@ -124,6 +127,29 @@ def test_stop_ends_the_child_beside_the_vae(tmp_path):
     beside.stop()
     assert time.time() - t0 < 30 and beside.process.returncode not in (None, 0)  # terminated, not run to the end
     assert not (tmp_path / "c" / "ckpt.pt").exists()
+
+
+def test_a_lane_stops_at_its_first_failing_stage_and_with_the_demo(tmp_path):
+    """The judges' lane: a failing stage is the demo's error (one line naming its log) and the stages after it never
+    start; stop() (the family's stage failed) ends the running child and starts no other."""
+    classifier, judge_clip = judges(tmp_path / "runs", smoke=True)
+    timer = Timer()
+    bad = dataclasses.replace(classifier, overrides=[*classifier.overrides, "train.num_steps=3"])
+    lane = Lane([bad, judge_clip], tmp_path / "logs", timer)
+    lane.start()
+    with pytest.raises(ValueError, match=r"classifier stage failed \(exit code 2\).*classifier\.log"):
+        lane.wait()
+    assert lane.done() and timer.seconds["judge CLIP"] is None and not (tmp_path / "logs" / "judge_CLIP.log").exists()
+
+    long = dataclasses.replace(classifier, overrides=["train.steps=100000"])
+    lane = Lane([long, judge_clip], tmp_path / "logs2", timer)
+    lane.start()
+    time.sleep(2)
+    assert not lane.done()
+    t0 = time.time()
+    lane.stop()
+    assert time.time() - t0 < 30 and lane.done() and lane.current.process.returncode not in (None, 0)
+    assert not (tmp_path / "logs2" / "judge_CLIP.log").exists() and not classifier.ckpt.exists()
 
 
 def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, capsys):
