@@ -20,6 +20,8 @@ import train.clip
 import train.dalle
 import train.dvae
 from core.checkpoint import load_checkpoint
+from models.dvae import load_dvae
+from sample.judging import reconstruction_accuracy
 from sample.stages import CONFIGS, Stage
 
 SMOKE = {
@@ -124,6 +126,11 @@ def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, ju
     dvae = load_checkpoint(runs / "dvae" / "ckpt.pt", "dvae")
     print(f"  dVAE PSNR {dvae.get('psnr'):.2f} dB; codebook perplexity {dvae.get('perplexity'):.1f}, "
           f"{dvae.get('codes_used')} of {dvae['config']['dvae']['vocab_size']} codes used (held-out)")
+    dvae_model, _ = load_dvae(runs / "dvae" / "ckpt.pt")
+    rec = reconstruction_accuracy(lambda x: dvae_model.decode(dvae_model.encode(x)), classifier,
+                                  num_images=num_images)
+    print(f"  the classifier on the dVAE's reconstructions (from argmax tokens): colour {rec['colour']:.3f} | "
+          f"shape {rec['shape']:.3f} (the ceiling of prompt accuracy in token space)")
     demo = demo or runs / "demo" / "dalle"
     small = num_images < 100
     curve = reranking_curve(runs, classifier, judge_clip or runs / "clip_demo" / "ckpt.pt",
@@ -132,4 +139,5 @@ def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, ju
     (demo / "reranking.json").write_text(json.dumps(curve, indent=2) + "\n")
     print(f"  re-ranking curve: {demo / 'reranking.png'}")
     return {"dvae": {"psnr_db": dvae.get("psnr"), "perplexity": dvae.get("perplexity"),
-                     "codes_used": dvae.get("codes_used")}, "reranking": curve}
+                     "codes_used": dvae.get("codes_used"), "attribute_accuracy_of_reconstructions": rec},
+            "reranking": curve}

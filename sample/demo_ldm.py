@@ -18,6 +18,8 @@ import torch
 import train.diffusion
 import train.vae
 from core.checkpoint import load_checkpoint
+from models.vae import load_vae
+from sample.judging import reconstruction_accuracy
 from sample.stages import CONFIGS, Stage
 
 SMOKE = {
@@ -48,30 +50,15 @@ def sampling(args):
     return ["--sampler", "ddim", "--steps", str(args.steps), "--guidance", str(args.guidance)]
 
 
-@torch.no_grad()
-def reconstruction_accuracy(vae_path, classifier_path, num_images=1000, seed=5, batch_size=250):
-    """The classifier's per-attribute accuracy on VAE reconstructions of fresh renders: what the decoder keeps of
-    what a prompt asks for, so a ceiling for the latent model's prompt accuracy."""
-    from models.classifier import load_classifier, predict_attributes
-    from models.vae import load_vae
-    from train.classifier import render_tensors, score
-
-    classifier, clf_cfg = load_classifier(classifier_path)
-    vae, _, _ = load_vae(vae_path)
-    images, attributes = render_tensors(num_images, clf_cfg, seed, progress=False)
-    x = images.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
-    rec = torch.cat([vae.decode(vae.encode(x[i: i + batch_size]).mode()).clamp(-1, 1)
-                     for i in range(0, len(x), batch_size)])
-    return score(predict_attributes(classifier, rec), attributes)
-
-
 def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
     """The VAE's held-out PSNR and scale factor, and what its reconstructions keep of the prompt's attributes.
     (model, demo, accuracy_n, judge_clip: the pipeline's flags, the demo folder, images per prompt and the judge
     CLIP's checkpoint, for families that judge more; unused here.)"""
     vae_path = runs / "vae" / "ckpt.pt"
     vae = load_checkpoint(vae_path, "vae")
-    rec = reconstruction_accuracy(vae_path, classifier, num_images=num_images)
+    vae_model, _, _ = load_vae(vae_path)
+    rec = reconstruction_accuracy(lambda x: vae_model.decode(vae_model.encode(x).mode()).clamp(-1, 1), classifier,
+                                  num_images=num_images)
     print(f"  VAE PSNR {vae.get('psnr'):.2f} dB; the classifier on its reconstructions: colour {rec['colour']:.3f} | "
           f"shape {rec['shape']:.3f} (the ceiling of prompt accuracy in latent space)")
     return {"vae": {"psnr_db": vae.get("psnr"), "scale_factor": vae["scale_factor"],

@@ -160,10 +160,10 @@ def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, ca
     out = capsys.readouterr().out
     shared = {"family", "prompt_accuracy", "fid", "clip_score", "r_precision", "r_precision_real", "stage_seconds",
               "stage_cpu_seconds", "total_seconds", "seconds_per_image"}
-    first = {"ldm": ["classifier", "VAE", "judge CLIP", "latent U-Net"],
-             "dalle": ["classifier", "dVAE", "judge CLIP", "re-ranking CLIP", "transformer"],
-             "imagen": ["classifier", "text LM", "judge CLIP"],
-             "unclip": ["classifier", "CLIP", "judge CLIP", "VAE", "prior", "decoder"]}
+    first = {"ldm": ["classifier", "judge CLIP", "VAE", "latent U-Net"],
+             "dalle": ["classifier", "judge CLIP", "dVAE", "re-ranking CLIP", "transformer"],
+             "imagen": ["classifier", "judge CLIP", "text LM"],
+             "unclip": ["classifier", "judge CLIP", "CLIP", "VAE", "prior", "decoder"]}
     reports = {}
     for family in demo.FAMILIES:
         folder = tmp_path / "demo" / family
@@ -181,6 +181,8 @@ def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, ca
     assert (tmp_path / "demo" / "dalle" / "reranking.png").is_file()
     dvae = load_checkpoint(tmp_path / "dvae" / "ckpt.pt", "dvae")
     assert reports["dalle"]["dvae"]["codes_used"] == dvae["codes_used"]
+    rec = reports["dalle"]["dvae"]["attribute_accuracy_of_reconstructions"]  # the token space's ceiling
+    assert 0 <= rec["colour"] <= 1 and 0 <= rec["shape"] <= 1 and "classifier on the dVAE's reconstructions" in out
     assert set(reports["imagen"]["super_resolution"]) == {"sr1", "sr2"}
     assert (tmp_path / "demo" / "imagen" / "samples_stages.png").is_file()  # every stage side by side
     assert {"heldin", "heldout"} <= set(reports["unclip"]["prior"])
