@@ -23,10 +23,11 @@ the stage's process: the cost that does not depend on what else the machine ran)
 The notebooks get the same trained parts from `trained_parts` (the demo's runs/, or trained by the same stages).
 
 On a machine with two or more cores the two judges train one after the other in child processes on one thread each
-(their output in runs/demo/<family>/logs/<judge>.log) beside the family's stages, which need nothing from them: the
-small models of the tiny presets use a second thread poorly (the latent U-Net: 1.17x on two threads; the VAE, batch
-8: 168 s on one thread, 142 s on two), so two one-thread lanes end first. `--sequential` runs every stage here, in
-turn.
+(their output in runs/demo/<family>/logs/<judge>.log) beside the family's first stage, which needs nothing from them:
+the small models of the tiny presets use a second thread poorly (the VAE, batch 8: 168 s on one thread, 142 s on two),
+so the judges leave the critical path. The family's later stages wait for them and take every thread (the latent
+U-Net runs 1.15-1.2x faster on two threads, and slower on one beside another job: 528 s against about 400 s).
+`--sequential` runs every stage here, in turn.
 """
 import argparse
 import json
@@ -81,34 +82,36 @@ def build_parser():
 
 def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
     """The judges and the family's stages. With two cores or more and both still to train, the judges that are not
-    done train in a lane of their own (a child process on one thread each, one after the other: sample/stages.Lane)
-    beside the family's stages, which get the other threads until the lane ends; else everything here, in turn."""
+    done train in a lane of their own (child processes on one thread each, one after the other: sample/stages.Lane)
+    beside the family's first stage, which runs on the other threads; the family's later stages wait for the lane and
+    take every thread. Else everything here, in turn."""
     for stage in judge_stages:
         if stage.done():
             timer.skipped(stage.name)
     pending = [stage for stage in judge_stages if stage.name not in timer.seconds]
-    family_left = [stage for stage in family_stages if not stage.done()]
+    first, rest = family_stages[0], family_stages[1:]
     lane = None
-    if pending and family_left and not sequential and (os.cpu_count() or 1) >= 2:
+    if pending and not first.done() and not sequential and (os.cpu_count() or 1) >= 2:
         lane = Lane(pending, log_dir, timer)
         lane.start()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            timer.run(first.name, lambda: first.script.main(first.argv))
+        except BaseException:  # an error or Ctrl-C here: the lane stops too
+            lane.stop()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        if not lane.done():
+            print(f"\n==== waiting for the judges' lane (log {log_dir})", flush=True)
+        lane.wait()
     else:
         for stage in pending:
             timer.run(stage.name, lambda: stage.script.main(stage.argv))
-    threads = torch.get_num_threads()
-    try:
-        for stage in family_stages:
-            # one thread fewer while the lane trains; all of them again for the stages that start after it ended
-            torch.set_num_threads(max(1, threads - 1) if lane and not lane.done() else threads)
-            timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage not in family_left)
-    except BaseException:  # an error or Ctrl-C here: the lane stops too
-        if lane:
-            lane.stop()
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    if lane:
-        lane.wait()
+        timer.run(first.name, lambda: first.script.main(first.argv), skip=first.done())
+    for stage in rest:
+        timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
     keep_stage_seconds((*judge_stages, *family_stages), timer)
 
 
@@ -174,7 +177,7 @@ def run_family(args, name):
     print(f"\n==== {name} demo summary" + ("  (--smoke: a few steps per stage; the figures mean nothing)"
                                                   if args.smoke else ""))
     for stage, seconds in timer.seconds.items():
-        print(f"  {stage:32s} {seconds:6.0f} s" + ("  (beside the family's stages, one thread)" if stage in timer.beside
+        print(f"  {stage:32s} {seconds:6.0f} s" + ("  (beside the family's first stage, one thread)" if stage in timer.beside
                                                   else ""))
     print(f"  {'total':32s} {report['total_seconds']:6.0f} s; {report['seconds_per_image']:.3f} s per image sampled")
     for line in summary_lines(report):

@@ -168,7 +168,7 @@ class Background:
         self.timer.seconds[self.name] = None  # keeps the report's stage order
         self.timer.cpu_seconds[self.name] = None
         self.timer.beside.add(self.name)
-        print(f"\n==== {self.name}: training beside the family's stages, one thread, log {self.log}", flush=True)
+        print(f"\n==== {self.name}: training beside the family's first stage, one thread, log {self.log}", flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
         self.t0, self.children_cpu0 = time.time(), children_cpu_seconds()
@@ -193,8 +193,7 @@ class Background:
 
 class Lane:
     """Stages in a row, each a Background child process on one thread, started in turn by a thread of this process
-    while the demo trains the family's own stages: the judges need nothing the family makes, and the tiny models use
-    a second thread poorly (the latent U-Net: 1.17x on two threads), so two one-thread lanes finish first.
+    while the demo trains a stage of its own (the judges need nothing the family makes).
     `done()` says whether the lane has finished; `wait()` returns when it has, or raises the first stage's error;
     `stop()` ends the running child and starts no other."""
 

@@ -25,7 +25,7 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     stages = ["classifier", "judge CLIP", "VAE", "latent U-Net", "samples", "prompt accuracy",
               "images for FID and CLIP score", "FID, KID and CLIP score"]
     assert list(report["stage_seconds"]) == stages and all(s > 0 for s in report["stage_seconds"].values())
-    # CPU seconds of every stage, the judges' from their child processes (they trained beside the family's stages)
+    # CPU seconds of every stage, the judges' from their child processes (they trained beside the family's first stage)
     assert list(report["stage_cpu_seconds"]) == stages
     assert report["stage_cpu_seconds"]["classifier"] > 0 and report["stage_cpu_seconds"]["judge CLIP"] > 0
     if os.cpu_count() >= 2:  # the judges trained in child processes, one after the other, their output in logs/
