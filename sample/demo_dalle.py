@@ -19,7 +19,6 @@ import torch
 import train.clip
 import train.dalle
 import train.dvae
-from core.checkpoint import load_checkpoint
 from models.dvae import load_dvae
 from sample.judging import reconstruction_accuracy
 from sample.stages import CONFIGS, Stage
@@ -123,10 +122,9 @@ def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, ju
     """The dVAE's held-out PSNR and codebook usage, and the re-ranking curve (N = 1 and 4 only, one picture per
     prompt, when num_images < 100: the demo's --smoke). (model, accuracy_n: the contract's other arguments, unused
     here: the curve samples with its own candidates.)"""
-    dvae = load_checkpoint(runs / "dvae" / "ckpt.pt", "dvae")
+    dvae_model, dvae = load_dvae(runs / "dvae" / "ckpt.pt")
     print(f"  dVAE PSNR {dvae.get('psnr'):.2f} dB; codebook perplexity {dvae.get('perplexity'):.1f}, "
           f"{dvae.get('codes_used')} of {dvae['config']['dvae']['vocab_size']} codes used (held-out)")
-    dvae_model, _ = load_dvae(runs / "dvae" / "ckpt.pt")
     rec = reconstruction_accuracy(lambda x: dvae_model.decode(dvae_model.encode(x)), classifier,
                                   num_images=num_images)
     print(f"  the classifier on the dVAE's reconstructions (from argmax tokens): colour {rec['colour']:.3f} | "

@@ -98,12 +98,8 @@ def reconstruction_accuracy(reconstruct, classifier_path, num_images=1000, seed=
     """The classifier's per-attribute accuracy on reconstructions of fresh renders at its resolution (`reconstruct`:
     (B, 3, R, R) images in [-1, 1] -> the same, through a family's encoder and decoder): what the decoder keeps of
     what a prompt asks for, so a ceiling for the prompt accuracy of a model that generates in that code space."""
-    from models.classifier import load_classifier, predict_attributes
-    from train.classifier import render_tensors, score
+    from models.classifier import load_classifier
+    from train.classifier import evaluate
 
     classifier, clf_cfg = load_classifier(classifier_path)
-    images, attributes = render_tensors(num_images, clf_cfg, seed, progress=False)
-    x = images.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
-    rec = torch.cat([reconstruct(x[i: i + batch_size]) for i in range(0, len(x), batch_size)])
-    return score(predict_attributes(classifier, rec), attributes)
-
+    return evaluate(classifier, clf_cfg, num_images, seed, batch_size, progress=False, transform=reconstruct)

@@ -152,6 +152,29 @@ def test_a_lane_stops_at_its_first_failing_stage_and_with_the_demo(tmp_path):
     assert not (tmp_path / "logs2" / "judge_CLIP.log").exists() and not classifier.ckpt.exists()
 
 
+def test_reconstruction_accuracy_judges_each_render_once_through_the_reconstruction(tmp_path):
+    """The families' ceiling figure (sample/judging.reconstruction_accuracy): every fresh render goes through
+    `reconstruct` once, in [-1, 1] at the classifier's resolution, and the classifier judges what comes back."""
+    import train.classifier
+    from models.classifier import load_classifier
+    from sample.judging import reconstruction_accuracy
+    classifier = judges(tmp_path, smoke=True)[0]
+    train.classifier.main(classifier.argv)
+    model, cfg = load_classifier(classifier.ckpt)
+    seen = []
+
+    def identity(x):
+        assert x.shape[1:] == (3, cfg.resolution, cfg.resolution) and x.min() >= -1 and x.max() <= 1
+        seen.append(len(x))
+        return x
+
+    acc = reconstruction_accuracy(identity, classifier.ckpt, num_images=20, seed=5, batch_size=7)
+    assert seen == [7, 7, 6]
+    assert acc == train.classifier.evaluate(model, cfg, 20, 5, progress=False)  # the classifier on the renders
+    blank = reconstruction_accuracy(lambda x: torch.full_like(x, -1.0), classifier.ckpt, num_images=20)
+    assert blank["background"] < 1 and blank != acc  # black pictures: what came back is judged, not the renders
+
+
 def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, capsys):
     """--family all at a few steps per stage: each family trains its stages, samples and writes metrics.json with the
     same keys as the latent demo, plus its own figures; then one comparison row per family."""

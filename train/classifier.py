@@ -101,14 +101,15 @@ def score(predictions, attributes):
     return {k: v / (len(attributes) if k in per_image else num_objects) for k, v in hits.items()}
 
 
-def evaluate(model, cfg: ClassifierConfig, num_images, seed, batch_size=500, progress=True):
-    """Accuracy on `num_images` fresh renders of `seed`."""
+def evaluate(model, cfg: ClassifierConfig, num_images, seed, batch_size=500, progress=True, transform=None):
+    """Accuracy on `num_images` fresh renders of `seed`; with `transform` ((b, 3, R, R) images in [-1, 1] -> the
+    same, e.g. a VAE's encode and decode), on what it makes of them."""
     images, attributes = render_tensors(num_images, cfg, seed, progress)
     device = next(model.parameters()).device
     predictions = []
     for i in range(0, num_images, batch_size):
         x = images[i: i + batch_size].to(device).float() / 127.5 - 1  # (b, 3, R, R) in [-1, 1]
-        predictions += predict_attributes(model, x)
+        predictions += predict_attributes(model, transform(x) if transform is not None else x)
     return score(predictions, attributes)
 
 
