@@ -15,6 +15,7 @@ from models.dvae import (DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedul
                          load_dvae, logit_laplace_log_prob, map_pixels, unmap_pixels)
 from tests.test_train_diffusion import cli_error
 from train import dvae as train_dvae
+from train.common import warmup_cosine
 
 
 # ---------------------------------------------------------------- reference equality
@@ -156,6 +157,46 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_decoder_loss_is_the_nll_of_the_argmax_codes_and_leaves_the_encoder_alone():
+    torch.manual_seed(0)
+    model = DiscreteVAE(DVAEConfig(vocab_size=16, n_hid=8, n_init=8, group_count=2))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    loss, parts = model.decoder_loss(x)
+    tokens = model.encode(x)
+    mu, log_b = model.decode_codes(F.one_hot(tokens, 16).permute(0, 3, 1, 2).float())
+    expected = -logit_laplace_log_prob(map_pixels((x + 1) / 2), mu, log_b).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["rec"], model.decode(tokens))
+    loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
+def test_learning_rate_of_the_two_phases():
+    tc = train_dvae.DVAETrain(steps=100, warmup_steps=10, lr=2e-3, min_lr_ratio=0.1)
+    assert [train_dvae.learning_rate(tc, s) for s in range(100)] == [tc.lr * warmup_cosine(s, 10, 100, 0.1)
+                                                                     for s in range(100)]
+    tc = train_dvae.DVAETrain(steps=100, decoder_steps=40, warmup_steps=10, lr=2e-3, decoder_lr=1e-3,
+                              min_lr_ratio=0.1)
+    assert train_dvae.learning_rate(tc, 59) == pytest.approx(2e-4, rel=0.02)  # joint phase: cosine to 0.1 lr
+    assert train_dvae.learning_rate(tc, 60) == pytest.approx(1e-3)  # the decoder phase starts at decoder_lr
+    assert train_dvae.learning_rate(tc, 100) == pytest.approx(1e-4)
+
+
+def test_decoder_phase_freezes_the_encoder_and_resumes_exactly(tmp_path):
+    base = ["--config", "configs/shapes/dvae.yaml", "train.steps=6", "train.decoder_steps=3", "train.ckpt_every=1",
+            *TINY]
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'a'}", "train.stop_after=3"])  # the joint phase only
+    joint = load_checkpoint(tmp_path / "a" / "ckpt.pt", "dvae")["model"]
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'a'}", "train.resume=auto"])
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'b'}", "train.stop_after=4"])  # stopped inside the phase
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'b'}", "train.resume=auto"])
+    a, b = (load_checkpoint(tmp_path / n / "ckpt.pt", "dvae")["model"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], joint[k]) for k in a if k.startswith("encoder."))
+    assert any(not torch.equal(a[k], joint[k]) for k in a if k.startswith("decoder."))
+
+
 def test_bad_input(tmp_path, capsys, trained):
     before = (trained / "ckpt.pt").read_bytes()
     err = cli_error(train_dvae.main, ["--config", "configs/shapes/dvae.yaml", "data.resolution=30",
@@ -166,4 +207,7 @@ def test_bad_input(tmp_path, capsys, trained):
     err = cli_error(train_dvae.main, ["--config", "configs/shapes/dvae.yaml", "loss.tau_end=0",
                                       f"train.out_dir={tmp_path}"], capsys)
     assert "loss.tau_start and loss.tau_end must be > 0" in err
+    err = cli_error(train_dvae.main, ["--config", "configs/shapes/dvae.yaml", "train.steps=10",
+                                      "train.decoder_steps=10", f"train.out_dir={tmp_path}"], capsys)
+    assert "train.decoder_steps (10) must be in [0, train.steps)" in err
     assert (trained / "ckpt.pt").read_bytes() == before

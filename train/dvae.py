@@ -19,6 +19,9 @@ Loss per step (-ELB of Eq. 1, per pixel; models/dvae.py):
     beta: cosine from 0 to loss.kl_weight over loss.kl_warmup_steps                   (App. A.2: 6.6 over 5k)
 The paper's schedules span 150k updates (tau) and 5k (beta); a run of a few thousand steps scales both to its
 length (configs/shapes/dvae.yaml says what was measured).
+The last train.decoder_steps steps (0 = none, the paper) train the decoder alone on the encoder's argmax codes,
+    L = -log p_logit-Laplace(x | D(one_hot(argmax q(z | x)))) / pixels,   the encoder frozen,
+so that it is trained on the hard codes the transformer's tokens give it at sampling time.
 """
 import dataclasses
 import time
@@ -36,7 +39,7 @@ from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule
 from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
-                          set_learning_rate, step_generator, stopped_early, training_state)
+                          step_generator, stopped_early, training_state, warmup_cosine)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class DVAETrain(TrainConfig):
     image_every: int = 500        # steps between reconstruction grids (0 = only at the end)
     eval_images: int = 1000       # held-out images for the final PSNR and codebook usage
     eval_seed: int = 1            # shapes: rendering seed of the held-out images (must differ from data.seed)
+    decoder_steps: int = 0        # the last this many of train.steps train the decoder alone on the encoder's argmax
+                                  # codes (DiscreteVAE.decoder_loss; encoder frozen): the one-hot codes it is given at
+                                  # sampling time, not the relaxed ones of the joint phase. Not in the paper (dvae.yaml)
+    decoder_lr: float = 1e-3      # peak rate of that phase: its own warm-up-free cosine to min_lr_ratio * decoder_lr
 
 
 @dataclass
@@ -92,9 +99,21 @@ def check_config(cfg):
                          "dvae.n_blk_per_group at least 1")
     if cfg.train.eval_images < 1:
         raise ValueError("train.eval_images must be at least 1")
+    if not 0 <= cfg.train.decoder_steps < cfg.train.steps:
+        raise ValueError(f"train.decoder_steps ({cfg.train.decoder_steps}) must be in [0, train.steps): the joint "
+                         f"phase needs at least one step; raise train.steps or lower train.decoder_steps")
     if cfg.data.dataset == "shapes" and cfg.train.eval_seed == cfg.data.seed:
         raise ValueError(f"train.eval_seed ({cfg.train.eval_seed}) must differ from data.seed so that the held-out "
                          f"images are unseen")
+
+
+def learning_rate(tc: DVAETrain, step):
+    """train.lr along a warm-up and cosine over the joint phase, then train.decoder_lr along a cosine over the
+    decoder phase (train.decoder_steps = 0: train.common.set_learning_rate's schedule)."""
+    joint = tc.steps - tc.decoder_steps
+    if step < joint:
+        return tc.lr * warmup_cosine(step, tc.warmup_steps, joint, tc.min_lr_ratio)
+    return tc.decoder_lr * warmup_cosine(step - joint, 0, tc.decoder_steps, tc.min_lr_ratio)
 
 
 def to_float(images_uint8, device):
@@ -177,13 +196,18 @@ def main(argv=None):
     for step in bar:
         x = to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device)  # (B, 3, H, W)
         g = step_generator(tc.seed, step, device=device)  # the gumbel noise of this step
-        set_learning_rate(optimizer, tc, step)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(tc, step)
         tau = cosine_schedule(step, lc.tau_steps, lc.tau_start, lc.tau_end)    # App. A.2
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2
         diversity = (cosine_schedule(step, lc.diversity_steps, lc.diversity_weight, 0.0) if lc.diversity_steps
                      else lc.diversity_weight)
+        decoder_phase = step >= tc.steps - tc.decoder_steps
         with autocast(device, tc.bf16):
-            loss, parts = model(x, tau, beta, hard=lc.hard, generator=g, diversity=diversity)  # -ELB (Eq. 1) per pixel
+            if decoder_phase:  # -log p(x | D(argmax codes)) per pixel; the encoder's parameters get no gradient
+                loss, parts = model.decoder_loss(x)
+            else:  # -ELB (Eq. 1) per pixel
+                loss, parts = model(x, tau, beta, hard=lc.hard, generator=g, diversity=diversity)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
@@ -195,15 +219,19 @@ def main(argv=None):
         if done % tc.log_every == 0 or done == tc.steps:
             batch_ppl, batch_used = codebook_usage(parts["logits"].argmax(1), K)
             mse = ((parts["rec"].detach() - x) / 2).pow(2).mean().item()
-            scalars = {"loss": loss.item(), "nll": parts["nll"].item(), "kl": parts["kl"].item(), "beta": beta,
-                       "diversity": parts["diversity"].item(),
-                       "tau": tau, "batch_perplexity": batch_ppl, "batch_codes_used": batch_used,
-                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
+            scalars = {"loss": loss.item(), "nll": parts["nll"].item(), "batch_perplexity": batch_ppl,
+                       "batch_codes_used": batch_used, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": grad_norm.item()}
+            if decoder_phase:
+                phase = "decoder on argmax codes | psnr(hard)"
+            else:
+                scalars.update(kl=parts["kl"].item(), beta=beta, diversity=parts["diversity"].item(), tau=tau)
+                phase = (f"kl {parts['kl'].item():.3f} | div {parts['diversity'].item():.2f} | beta {beta:.3f} | "
+                         f"tau {tau:.3f} | psnr(soft)")
             for k, v in scalars.items():
                 writer.add_scalar(f"train/{k}", v, done)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            tqdm.write(f"step {done} | loss {loss.item():.4f} | nll {parts['nll'].item():.4f} | kl "
-                       f"{parts['kl'].item():.3f} | div {parts['diversity'].item():.2f} | beta {beta:.3f} | tau {tau:.3f} | psnr(soft) "
+            tqdm.write(f"step {done} | loss {loss.item():.4f} | nll {parts['nll'].item():.4f} | {phase} "
                        f"{10 * np.log10(1 / max(mse, 1e-10)):.2f} | batch codes {batch_used} (ppl {batch_ppl:.1f}) | "
                        f"{time.time() - t0:.0f}s")
         if (tc.image_every and done % tc.image_every == 0) or done == tc.steps:
