@@ -6,6 +6,7 @@ to run pickled code. Every checkpoint carries
     config   the resolved config as a plain dict (core/config.py), so the checkpoint alone rebuilds its model
 and a training checkpoint also step, optimizer, rng (for exact resumption) and the weights ("model", "ema").
 """
+import hashlib
 import os
 import random
 import tempfile
@@ -89,3 +90,13 @@ def set_rng_state(state):
     random.setstate((state["python_version"], tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def weights_sha256(module, prefix=b""):
+    """SHA-256 (hex) of `prefix` followed by every (name, float32 bytes) of module.state_dict() in name order: what a
+    checkpoint stores of a frozen part it was trained on, so that joining it to another part is refused."""
+    h = hashlib.sha256(prefix)
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from core.checkpoint import load_checkpoint, load_weights
+from core.checkpoint import load_checkpoint, load_weights, weights_sha256
 from core.config import config_from_dict, config_to_dict
 from models.attention import scaled_dot_product_attention
 from models.text_encoder import TextEncoderConfig
@@ -298,12 +298,7 @@ def load_clip(path, device="cpu", text_only=False):
 def clip_fingerprint(model):
     """What a model conditioned on CLIP embeddings remembers of its CLIP (unCLIP's prior and decoder): a SHA-256 of
     the config and weights, so that joining parts trained on different CLIPs (whose spaces differ) is refused."""
-    import hashlib
-    h = hashlib.sha256(repr(sorted(config_to_dict(model.cfg).items())).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return weights_sha256(model, repr(sorted(config_to_dict(model.cfg).items())).encode())
 
 
 @torch.no_grad()

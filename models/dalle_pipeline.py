@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from core.checkpoint import load_checkpoint, load_weights
 from core.config import config_from_dict
 from models.dalle import DalleConfig, DalleTransformer, check_sampling, sample_image_tokens
-from models.dvae import load_dvae
-from models.text2image import vae_fingerprint
+from models.dvae import load_dvae, token_fingerprint
 from models.tokenizer import BPETokenizer
 
 
@@ -172,9 +171,10 @@ def load_dalle_pipeline(path, device="cpu", use_ema=True, dvae=None, clip=None):
     dvae_path = dvae or cfg["dvae"]
     dvae_model, _ = load_dvae(dvae_path, device)
     check_dvae_fits(dvae_model, model.cfg, cfg["data"]["resolution"], dvae_path)
-    if vae_fingerprint(dvae_model, 1.0) != ckpt["dvae"]:
-        raise ValueError(f"{dvae_path} is not the dVAE this transformer was trained on (its config or weights "
-                         f"differ); pass the dVAE given at training with --vae")
+    if token_fingerprint(dvae_model) != ckpt["dvae"]:
+        raise ValueError(f"{dvae_path} is not the dVAE whose tokens this transformer was trained on (its config or "
+                         f"encoder weights differ); pass the dVAE given at training, or one whose decoder alone was "
+                         f"trained further, with --vae")
     clip_model = clip_tok = None
     if clip:
         from models.clip import load_clip

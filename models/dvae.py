@@ -277,6 +277,15 @@ def codebook_usage(tokens, vocab_size):
     return entropy.exp().item(), int((counts > 0).sum())
 
 
+def token_fingerprint(dvae):
+    """What a transformer remembers of the dVAE whose tokens it was trained on: the dVAE's config and a SHA-256 of
+    its encoder's weights. The decoder is left out: one trained further on the same tokens (train.decoder_steps, or
+    a user's own) still decodes what the transformer draws, as Stable Diffusion's fine-tuned VAE decoders do."""
+    from core.checkpoint import weights_sha256
+    from core.config import config_to_dict
+    return {"config": config_to_dict(dvae.cfg), "encoder_sha256": weights_sha256(dvae.encoder)}
+
+
 def load_dvae(path, device="cpu"):
     """A dVAE checkpoint (train/dvae.py, kind "dvae") -> (DiscreteVAE in eval mode, its checkpoint dict)."""
     from core.checkpoint import load_checkpoint, load_weights

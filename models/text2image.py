@@ -25,14 +25,13 @@ models.conditioning.guided_prediction: conditional and unconditional rows in one
 Text2Image keeps the pipeline contract of models/pipeline.py (family, resolution, settings, presets,
 check_prompts, settings_with, __call__), so `python -m sample`, the metrics and the demo drive it like any other.
 """
-import hashlib
 import math
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from core.checkpoint import load_checkpoint, load_weights
+from core.checkpoint import load_checkpoint, load_weights, weights_sha256
 from core.config import config_from_dict, config_to_dict
 from models.clip import CLIP, CLIPConfig
 from models.conditioning import Conditioning, guided_prediction
@@ -217,11 +216,7 @@ def build_model(model_cfg: ModelConfig, vocab_size: int, frozen=None) -> TextCon
 def vae_fingerprint(vae, scale_factor):
     """What a latent U-Net remembers of the VAE it was trained on: the VAE's config, its latent scale factor and
     a SHA-256 of its weights, so that sampling with another VAE (whose latents mean something else) is refused."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return {"config": config_to_dict(vae.cfg), "scale_factor": float(scale_factor), "sha256": h.hexdigest()}
+    return {"config": config_to_dict(vae.cfg), "scale_factor": float(scale_factor), "sha256": weights_sha256(vae)}
 
 
 def load_latent_vae(path, expected, device):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sample.__main__ as sample_cli
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint
 from models.dalle import sample_image_tokens
 from models.dalle_pipeline import clip_scores, load_dalle_pipeline, rerank
 from tests.test_clip import CLIP_TINY
@@ -78,6 +78,20 @@ def test_reranking_keeps_the_clips_best(runs):
     assert rerank(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [1, 3]
     with pytest.raises(ValueError, match=r"cannot keep the best 5 of 4 candidates.*N >= k"):
         rerank(torch.zeros(4), 5)
+
+
+def test_the_transformer_keeps_a_dvae_whose_decoder_changed_and_refuses_one_whose_encoder_did(runs, tmp_path):
+    ckpt = load_checkpoint(runs / "dvae" / "ckpt.pt", "dvae")
+    for part, accepted in (("decoder.", True), ("encoder.", False)):
+        changed = {**ckpt, "model": {k: v + 0.01 if k.startswith(part) else v for k, v in ckpt["model"].items()}}
+        path = tmp_path / f"{part}pt"
+        save_checkpoint(path, changed)
+        if accepted:
+            pipe = load_dalle_pipeline(runs / "dalle" / "ckpt.pt", dvae=path)
+            assert torch.equal(pipe.dvae.decoder.blocks.input.w, changed["model"]["decoder.blocks.input.w"])
+        else:
+            with pytest.raises(ValueError, match="not the dVAE whose tokens this transformer was trained on"):
+                load_dalle_pipeline(runs / "dalle" / "ckpt.pt", dvae=path)
 
 
 def test_bad_input(runs, tmp_path, capsys):

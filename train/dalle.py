@@ -29,8 +29,7 @@ from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.dalle import DalleConfig, DalleTransformer, check_config as check_model_config
 from models.dalle_pipeline import DalleSampling, DallePipeline, check_dvae_fits
-from models.dvae import load_dvae
-from models.text2image import vae_fingerprint
+from models.dvae import load_dvae, token_fingerprint
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
                           set_learning_rate, step_generator, training_state)
@@ -82,7 +81,7 @@ def main(argv=None):
         raise ValueError(f"train.cond_drop_prob must be in [0, 1), got {tc.cond_drop_prob}")
     dvae, dvae_ckpt = load_dvae(cfg.dvae)  # a bad dVAE fails before the data loads
     check_dvae_fits(dvae, cfg.model, cfg.data.resolution, cfg.dvae)
-    fingerprint = vae_fingerprint(dvae, 1.0)
+    fingerprint = token_fingerprint(dvae)  # the tokens' meaning: config and encoder weights
     out_dir, resumed = open_run(cfg, config_path, "dalle", ("data", "tokenizer", "model", "dvae"), "dalle",
                                 FILLED_IN)
     if resumed and resumed.get("dvae") != fingerprint:

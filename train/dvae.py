@@ -74,7 +74,7 @@ class DVAETrain(TrainConfig):
     decoder_steps: int = 0        # the last this many of train.steps train the decoder alone on the encoder's argmax
                                   # codes (DiscreteVAE.decoder_loss; encoder frozen): the one-hot codes it is given at
                                   # sampling time, not the relaxed ones of the joint phase. Not in the paper (dvae.yaml)
-    decoder_lr: float = 1e-3      # peak rate of that phase: its own warm-up-free cosine to min_lr_ratio * decoder_lr
+    decoder_lr: float = 1e-3      # the rate of that phase, constant, with fresh AdamW moments
 
 
 @dataclass
@@ -108,12 +108,18 @@ def check_config(cfg):
 
 
 def learning_rate(tc: DVAETrain, step):
-    """train.lr along a warm-up and cosine over the joint phase, then train.decoder_lr along a cosine over the
-    decoder phase (train.decoder_steps = 0: train.common.set_learning_rate's schedule)."""
+    """train.lr along a warm-up and cosine over the joint phase (train.decoder_steps = 0: train.common's
+    set_learning_rate schedule), then train.decoder_lr, constant, over the decoder phase."""
     joint = tc.steps - tc.decoder_steps
     if step < joint:
         return tc.lr * warmup_cosine(step, tc.warmup_steps, joint, tc.min_lr_ratio)
-    return tc.decoder_lr * warmup_cosine(step - joint, 0, tc.decoder_steps, tc.min_lr_ratio)
+    return tc.decoder_lr
+
+
+def make_optimizer(model, tc: DVAETrain, decoder_phase):
+    """AdamW over every parameter (the joint phase), or over the decoder's alone (the decoder phase)."""
+    params = model.decoder.parameters() if decoder_phase else model.parameters()
+    return torch.optim.AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
 
 
 def to_float(images_uint8, device):
@@ -164,7 +170,10 @@ def main(argv=None):
     with torch.no_grad():
         model.encoder.blocks.output.conv.w.mul_(lc.logit_init_scale)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    joint_steps = tc.steps - tc.decoder_steps
+    # a checkpoint saved inside the decoder phase holds the decoder phase's optimizer (one saved at its first step,
+    # the joint phase's)
+    optimizer = make_optimizer(model, tc, decoder_phase=resumed is not None and resumed["step"] > joint_steps)
     start_step = resume_state(resumed, model, optimizer, ema, "dVAE checkpoint weights")
     eval_model = ema.model if ema else model
 
@@ -196,13 +205,15 @@ def main(argv=None):
     for step in bar:
         x = to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device)  # (B, 3, H, W)
         g = step_generator(tc.seed, step, device=device)  # the gumbel noise of this step
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(tc, step)
         tau = cosine_schedule(step, lc.tau_steps, lc.tau_start, lc.tau_end)    # App. A.2
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2
         diversity = (cosine_schedule(step, lc.diversity_steps, lc.diversity_weight, 0.0) if lc.diversity_steps
                      else lc.diversity_weight)
-        decoder_phase = step >= tc.steps - tc.decoder_steps
+        decoder_phase = step >= joint_steps
+        if step == joint_steps:  # the decoder phase starts with fresh moments (measured: continuing the joint
+            optimizer = make_optimizer(model, tc, decoder_phase=True)  # phase's moments gained no shape; dvae.yaml)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(tc, step)
         with autocast(device, tc.bf16):
             if decoder_phase:  # -log p(x | D(argmax codes)) per pixel; the encoder's parameters get no gradient
                 loss, parts = model.decoder_loss(x)
