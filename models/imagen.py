@@ -10,6 +10,9 @@ arXiv 2106.15282, Sec. 3-4 (conditioning augmentation: Gaussian noise on the low
 Every stage is a train/diffusion.py checkpoint; a super-resolution stage is one trained with `low_res: r` (its
 config), whose U-Net reads the r x r image upsampled bilinearly to its own size and concatenated to x_t as 3 more
 channels (models/unet.py), plus the augmentation level embedded like a timestep and added to the time embedding.
+With `low_res_residual: true` (not Imagen's; SRDiff, Li et al. 2022, arXiv 2104.14951, Sec. 3.2) the stage's diffusion
+runs on the residual x_0 - upsample(z) of the clean low-resolution image z, and sampling adds upsample(z) back: the
+flat colours and the layout come from the input for free, and the model spends its steps on the edges.
 
 Noise-conditioning augmentation (Imagen Sec. 2.4; Ho et al. 2021 Sec. 4.1): in training, the low-resolution input
 z = downsample(x_0) is replaced by q(z_s | z), z_s = sqrt(abar_s) z + sqrt(1 - abar_s) eps', with s drawn per sample
@@ -51,6 +54,12 @@ def downsample(x, low_res):
     return F.interpolate(x, size=(H * low_res // W, low_res), mode="area")  # (B, C, h, w)
 
 
+def upsample(low_res, size):
+    """(B, C, r, r) -> (B, C, size, size) bilinearly (align_corners=False): how a stage sees its input (models/unet.py)
+    and, for a residual stage, what its output is added to."""
+    return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def aug_timestep(level, num_timesteps):
     """An augmentation level a in [0, 1] -> the timestep round(a (T' - 1)) of the augmentation schedule."""
     if not 0.0 <= level <= 1.0:
@@ -73,6 +82,7 @@ class Stage:
     low_res: int
     aug_schedule: NoiseSchedule | None
     path: str = ""
+    residual: bool = False  # it denoises x_0 - upsample(low-res input), and adds the upsample back (SRDiff)
 
     @property
     def resolution(self):
@@ -88,7 +98,7 @@ def load_stage(path, device="cpu", use_ema=True):
     pipe = load_text2image(ckpt, device, use_ema=use_ema)
     low_res = config.get("low_res", 0)
     aug = NoiseSchedule(config_from_dict(ScheduleConfig, config["aug_schedule"])).to(device) if low_res else None
-    return Stage(pipe, low_res, aug, str(path))
+    return Stage(pipe, low_res, aug, str(path), bool(config.get("low_res_residual", False)))
 
 
 @torch.no_grad()
@@ -96,7 +106,8 @@ def super_resolve(stage: Stage, prompts, low_res, settings: SamplerConfig, aug_l
                   truncate=False, progress=True, desc=None):
     """One super-resolution stage: low_res (B, 3, r, r) in [-1, 1] -> (B, 3, R, R), R = the stage's resolution times
     low_res's side / the side it was trained on (it is fully convolutional; crops in training, the whole image here).
-    The low-res image is noise-augmented at `aug_level` in [0, 1] and the model told so; noise from `generator`."""
+    The low-res image is noise-augmented at `aug_level` in [0, 1] and the model told so; noise from `generator`.
+    A residual stage samples the residual and returns upsample(low_res) + residual (the clean input's upsample)."""
     if stage.low_res == 0:
         raise ValueError(f"{stage.path} is a base model, not a super-resolution stage (its config has no low_res)")
     pipe, B = stage.pipe, len(prompts)
@@ -115,7 +126,8 @@ def super_resolve(stage: Stage, prompts, low_res, settings: SamplerConfig, aug_l
     x_T = torch.randn(B, 3, R, R, generator=generator, device=device)  # (B, 3, R, R)
     denoise = lambda x_t, t: guided_prediction(pipe.model.denoise, x_t.to(dtype), t, cond,
                                                settings.guidance_scale).float()
-    return sample(denoise, x_T, pipe.schedule, settings, generator=generator, progress=progress, desc=desc)
+    out = sample(denoise, x_T, pipe.schedule, settings, generator=generator, progress=progress, desc=desc)
+    return upsample(low_res, R) + out if stage.residual else out
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -191,7 +203,7 @@ class ImagenPipeline:
         for i, stage in enumerate(self.stages):
             s = replace(stage.pipe.settings, sampler="ddim", num_inference_steps=int(steps[i]),
                         guidance_scale=float(guidance[i]))
-            if self.cfg.dynamic_threshold:
+            if self.cfg.dynamic_threshold and not stage.residual:  # a residual is not an image: never thresholded
                 s = replace(s, clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995,
                             sample_max_value=math.inf)
             stages.append(s)

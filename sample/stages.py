@@ -63,8 +63,8 @@ def judges(runs, smoke):
                   train.clip.ClipTrainConfig, JUDGE_SMOKE["judge CLIP"] if smoke else [], train.clip.FILLED_IN)]
 
 
-WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after")  # not what a run trained: a moved runs folder
-                                                                     # or a run resumed in pieces is the same stage
+# not what a run trained: a moved runs folder, a run resumed in pieces or checkpointed more often is the same stage
+WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after", "train.ckpt_every")
 
 
 def checkpoint_reference(value):

@@ -87,7 +87,8 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     assert "unet.channels: 48 -> 32" in err and unet.ckpt.read_bytes() == before
     # a checkpoint made before a config key existed (unet.patch_size) matches that key's default, not a change
     ckpt["config"]["unet"]["channels"] = 32
-    ckpt["config"]["train"].update(out_dir="/elsewhere/runs/diffusion_latent", resume="never")  # a moved runs folder
+    ckpt["config"]["train"].update(out_dir="/elsewhere/runs/diffusion_latent", resume="never",  # a moved runs folder
+                                   ckpt_every=7)  # checkpointed more often: the same training
     ckpt["config"]["vae"] = "/elsewhere/runs/vae/ckpt.pt"  # its VAE named where the folder was
     del ckpt["config"]["unet"]["patch_size"]
     torch.save(ckpt, unet.ckpt)

@@ -5,6 +5,7 @@ class_embed_type="timestep"), the crops, a tiny cascade trained for a few steps 
 sample --pipeline imagen`, and the bad-input contract."""
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from data import shapes
 from data.crops import CropSource
 from data.dataset import DataConfig
 from models.conditioning import Conditioning
-from models.imagen import ImagenPipelineConfig, aug_timestep, downsample, load_imagen, noise_augment
+from models.imagen import (ImagenPipeline, ImagenPipelineConfig, aug_timestep, downsample, load_imagen, load_stage,
+                           noise_augment, super_resolve)
 from models.samplers import SamplerConfig, clip_or_threshold_x0
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.unet import UNet
@@ -142,6 +144,31 @@ def test_stages_store_their_input_size_and_sample_through_python_m_sample(cascad
     assert len(list((tmp / "grid").glob("*.png"))) == 2 and Image.open(tmp / "grid" / "0000.png").size == (64, 64)
 
 
+def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tmp_path):
+    """SRDiff's parametrization: the stage trains on x0 - upsample(downsample(x0)) and returns upsample(input) + what
+    it samples; with the U-Net's output zeroed (x-prediction: x0_hat = 0) the sampled residual is exactly 0."""
+    ckpt = stage(tmp_path, "sr", "imagen_sr1", "unet.attention_resolutions=[16]", "low_res_residual=true",
+                 "sampler.thresholding=false", "schedule.prediction_type=sample", "train.snr_gamma=0")
+    assert load_checkpoint(ckpt, "diffusion")["config"]["low_res_residual"] is True
+    sr = load_stage(ckpt)
+    assert sr.residual and not load_stage(stage(tmp_path, "plain", "imagen_sr1", "unet.attention_resolutions=[16]")).residual
+    with torch.no_grad():
+        sr.pipe.model.unet.conv_out.weight.zero_()
+        sr.pipe.model.unet.conv_out.bias.zero_()
+    low = torch.rand(2, 3, 16, 16) * 2 - 1
+    settings = replace(sr.pipe.settings, num_inference_steps=3)
+    out = super_resolve(sr, ["a red circle"] * 2, low, settings, generator=torch.Generator().manual_seed(0),
+                        progress=False)
+    torch.testing.assert_close(out, F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False))
+    # the same stage read as a plain one samples the zero image
+    plain = replace(sr, residual=False)
+    assert super_resolve(plain, ["a red circle"] * 2, low, settings, progress=False).abs().max() < 1e-5
+    # the cascade never thresholds a residual stage's samples (they are not images in [-1, 1])
+    base = load_stage(stage(tmp_path, "base", "imagen_base", "unet.attention_resolutions=[8]"))
+    settings = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3))).settings
+    assert settings.stages[0].thresholding and not settings.stages[1].thresholding
+
+
 def test_presets_choose_stages_and_the_same_seed_gives_the_same_pixels(cascade):
     _, base, sr1, sr2 = cascade
     pipe = load_imagen(ImagenPipelineConfig(base=str(base), sr1=str(sr1), sr2=str(sr2), steps=(2, 2, 2)))
@@ -199,6 +226,11 @@ def test_bad_training_inputs_are_one_line_errors(tmp_path, capsys):
     argv = ["--config", "configs/shapes/imagen_sr2.yaml", *TINY, f"train.out_dir={tmp_path / 'run'}"]
     assert "train.crop=128 is larger than the images" in cli_error(diffusion.main, argv + ["train.crop=128"], capsys)
     assert "train.aug_max must be in [0, 1]" in cli_error(diffusion.main, argv + ["train.aug_max=2"], capsys)
+    err = cli_error(diffusion.main, argv + ["low_res_residual=true"], capsys)  # imagen_sr2.yaml thresholds
+    assert "set sampler.clip_sample=false and sampler.thresholding=false" in err
+    err = cli_error(diffusion.main, ["--config", "configs/shapes/imagen_base.yaml", *TINY, "low_res_residual=true",
+                                     f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert "low_res_residual are for super-resolution stages" in err
     folder = tmp_path / "small"
     folder.mkdir()
     Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(folder / "a.png")

@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -58,7 +57,7 @@ from core.runtime import autocast, cleanup_distributed, get_device, run_cli, see
 from data.dataset import DataConfig, load_data
 from data.crops import CropSource
 from models.conditioning import Conditioning
-from models.imagen import Stage, downsample, noise_augment, super_resolve
+from models.imagen import Stage, downsample, noise_augment, super_resolve, upsample
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import ModelConfig, Text2Image, build_model, use_frozen_text_encoder, vae_fingerprint
@@ -107,6 +106,8 @@ class DiffusionConfig:
                                  # CLIP of text_encoder=clip:<ckpt> (its embed_dim); 0: text only
     vae: str = ""                # latent space: the VAE checkpoint of train/vae.py
     low_res: int = 0             # >0: a super-resolution stage whose input is the image at low_res x low_res (Imagen)
+    low_res_residual: bool = False  # super-resolution: denoise x0 - upsample(low-res image) and add the upsample back
+                                    # at sampling (SRDiff, arXiv 2104.14951; models/imagen.py)
     # the noise-conditioning augmentation's own schedule (DeepFloyd IF's image_noising_scheduler: cosine, 1000 steps)
     aug_schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(beta_schedule="cosine"))
     # the pipeline's default settings (python -m sample, the metrics): DDIM 50 steps, guidance 3; in pixel space
@@ -142,9 +143,9 @@ def check_config(cfg):
                          "image_embed_dim=0 or low_res=0")
     if cfg.low_res:
         check_super_resolution_config(cfg)
-    elif cfg.unet.low_res_channels or cfg.train.crop:
-        raise ValueError("unet.low_res_channels and train.crop are for super-resolution stages; set low_res (the input "
-                         "side) or drop them")
+    elif cfg.unet.low_res_channels or cfg.train.crop or cfg.low_res_residual:
+        raise ValueError("unet.low_res_channels, train.crop and low_res_residual are for super-resolution stages; set "
+                         "low_res (the input side) or drop them")
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
@@ -169,6 +170,9 @@ def check_super_resolution_config(cfg):
                          f"{factor}; e.g. train.crop={R // 2}")
     if not 0.0 <= cfg.train.aug_max <= 1.0:
         raise ValueError(f"train.aug_max must be in [0, 1] (0 = no augmentation), got {cfg.train.aug_max}")
+    if cfg.low_res_residual and (cfg.sampler.clip_sample or cfg.sampler.thresholding):
+        raise ValueError("a residual stage (low_res_residual) samples x0 - upsample(low-res), which is not an image in "
+                         "[-1, 1]; set sampler.clip_sample=false and sampler.thresholding=false")
 
 
 def sample_timesteps(tc, num_timesteps, n, generator, device):
@@ -227,7 +231,7 @@ def main(argv=None):
         clip_print = {"path": cfg.text_encoder.partition(":")[2], "sha256": clip_fingerprint(clip)}
     tc = cfg.train
     fixed = ("data", "tokenizer", "text", "unet", "schedule", "text_encoder", "space", "image_embed_dim", "low_res",
-             "aug_schedule")  # (train and sampler may change)
+             "low_res_residual", "aug_schedule")  # (train and sampler may change)
     out_dir, resumed = open_run(cfg, config_path, "diffusion", fixed, "diffusion")
     if resumed and vae is not None and resumed.get("vae") != fingerprint:
         raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the latents of another VAE than "
@@ -302,10 +306,10 @@ def main(argv=None):
                           scale_factor if vae is not None else 1.0)
         if cfg.low_res:  # rows: the low-res input (upsampled), the model's output, the ground truth
             truth = data.whole(range(4)).to(device)  # (4, 3, R, R)
-            stage = Stage(pipe, cfg.low_res, aug_schedule)
+            stage = Stage(pipe, cfg.low_res, aug_schedule, residual=cfg.low_res_residual)
             low = downsample(truth, cfg.low_res)  # (4, 3, r, r)
             out = super_resolve(stage, data.captions[:4], low, sampler, 0.0, g, truncate=True, progress=False)
-            up = F.interpolate(low, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            up = upsample(low, out.shape[-1])
             images = torch.cat([up.clamp(-1, 1), out.clamp(-1, 1), truth]).cpu()
         else:
             embeds = None
@@ -351,6 +355,8 @@ def main(argv=None):
             s = torch.randint(0, s_max + 1, (local_batch,), generator=g, device=device)  # (b,)
             eps_low = torch.randn(low.shape, generator=g, device=device)
             cond = Conditioning(drop=drop, low_res=noise_augment(aug_schedule, low, s, eps_low), aug_level=s)
+            if cfg.low_res_residual:  # SRDiff: the diffusion runs on what the clean input's upsample lacks
+                x0 = x0 - upsample(low, x0.shape[-1])
         set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
