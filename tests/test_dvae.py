@@ -176,14 +176,14 @@ def test_learning_rate_of_the_two_phases():
     tc = train_dvae.DVAETrain(steps=100, warmup_steps=10, lr=2e-3, min_lr_ratio=0.1)
     assert [train_dvae.learning_rate(tc, s) for s in range(100)] == [tc.lr * warmup_cosine(s, 10, 100, 0.1)
                                                                      for s in range(100)]
-    tc = train_dvae.DVAETrain(steps=100, decoder_steps=40, warmup_steps=10, lr=2e-3, decoder_lr=1e-3,
+    tc = train_dvae.DVAETrain(steps=100, decoder_share=0.4, warmup_steps=10, lr=2e-3, decoder_lr=1e-3,
                               min_lr_ratio=0.1)
     assert train_dvae.learning_rate(tc, 59) == pytest.approx(2e-4, rel=0.02)  # joint phase: cosine to 0.1 lr
     assert train_dvae.learning_rate(tc, 60) == train_dvae.learning_rate(tc, 99) == 1e-3  # then decoder_lr
 
 
 def test_decoder_phase_freezes_the_encoder_and_resumes_exactly(tmp_path):
-    base = ["--config", "configs/shapes/dvae.yaml", "train.steps=6", "train.decoder_steps=3", "train.ckpt_every=1",
+    base = ["--config", "configs/shapes/dvae.yaml", "train.steps=6", "train.decoder_share=0.5", "train.ckpt_every=1",
             *TINY]
     train_dvae.main(base + [f"train.out_dir={tmp_path / 'a'}", "train.stop_after=3"])  # the joint phase only
     joint = load_checkpoint(tmp_path / "a" / "ckpt.pt", "dvae")["model"]
@@ -207,6 +207,6 @@ def test_bad_input(tmp_path, capsys, trained):
                                       f"train.out_dir={tmp_path}"], capsys)
     assert "loss.tau_start and loss.tau_end must be > 0" in err
     err = cli_error(train_dvae.main, ["--config", "configs/shapes/dvae.yaml", "train.steps=10",
-                                      "train.decoder_steps=10", f"train.out_dir={tmp_path}"], capsys)
-    assert "train.decoder_steps (10) must be in [0, train.steps)" in err
+                                      "train.decoder_share=1", f"train.out_dir={tmp_path}"], capsys)
+    assert "train.decoder_share (1.0) must be in [0, 1)" in err
     assert (trained / "ckpt.pt").read_bytes() == before

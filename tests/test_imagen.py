@@ -151,7 +151,8 @@ def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tm
                  "sampler.thresholding=false", "schedule.prediction_type=sample", "train.snr_gamma=0")
     assert load_checkpoint(ckpt, "diffusion")["config"]["low_res_residual"] is True
     sr = load_stage(ckpt)
-    assert sr.residual and not load_stage(stage(tmp_path, "plain", "imagen_sr1", "unet.attention_resolutions=[16]")).residual
+    assert sr.residual and not load_stage(stage(tmp_path, "plain", "imagen_sr1", "unet.attention_resolutions=[16]",
+                                                  "low_res_residual=false")).residual
     with torch.no_grad():
         sr.pipe.model.unet.conv_out.weight.zero_()
         sr.pipe.model.unet.conv_out.bias.zero_()
@@ -174,7 +175,8 @@ def test_presets_choose_stages_and_the_same_seed_gives_the_same_pixels(cascade):
     pipe = load_imagen(ImagenPipelineConfig(base=str(base), sr1=str(sr1), sr2=str(sr2), steps=(2, 2, 2)))
     fast = pipe.settings_with("fast")
     assert fast.num_stages == 2 and pipe.settings_with("quality").num_stages == 3
-    assert all(s.thresholding and s.dynamic_thresholding_ratio == 0.995 for s in fast.stages)
+    assert fast.stages[0].thresholding and fast.stages[0].dynamic_thresholding_ratio == 0.995
+    assert not any(s.thresholding or s.clip_sample for s in fast.stages[1:])  # the shipped SR stages are residual
     s = pipe.settings_with(None, steps=2, guidance=2.0)
     a = pipe(["a red circle", "a blue square"], s, torch.Generator().manual_seed(0), progress=False)
     assert a.shape == (2, 3, 64, 64) and [x.shape[-1] for x in pipe.stage_images] == [16, 32, 64]
@@ -226,7 +228,7 @@ def test_bad_training_inputs_are_one_line_errors(tmp_path, capsys):
     argv = ["--config", "configs/shapes/imagen_sr2.yaml", *TINY, f"train.out_dir={tmp_path / 'run'}"]
     assert "train.crop=128 is larger than the images" in cli_error(diffusion.main, argv + ["train.crop=128"], capsys)
     assert "train.aug_max must be in [0, 1]" in cli_error(diffusion.main, argv + ["train.aug_max=2"], capsys)
-    err = cli_error(diffusion.main, argv + ["low_res_residual=true"], capsys)  # imagen_sr2.yaml thresholds
+    err = cli_error(diffusion.main, argv + ["sampler.thresholding=true"], capsys)  # imagen_sr2.yaml: a residual stage
     assert "set sampler.clip_sample=false and sampler.thresholding=false" in err
     err = cli_error(diffusion.main, ["--config", "configs/shapes/imagen_base.yaml", *TINY, "low_res_residual=true",
                                      f"train.out_dir={tmp_path / 'run'}"], capsys)

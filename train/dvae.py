@@ -19,7 +19,7 @@ Loss per step (-ELB of Eq. 1, per pixel; models/dvae.py):
     beta: cosine from 0 to loss.kl_weight over loss.kl_warmup_steps                   (App. A.2: 6.6 over 5k)
 The paper's schedules span 150k updates (tau) and 5k (beta); a run of a few thousand steps scales both to its
 length (configs/shapes/dvae.yaml says what was measured).
-The last train.decoder_steps steps (0 = none, the paper) train the decoder alone on the encoder's argmax codes,
+The last train.decoder_share of the steps (0 = none, the paper) train the decoder alone on the encoder's argmax codes,
     L = -log p_logit-Laplace(x | D(one_hot(argmax q(z | x)))) / pixels,   the encoder frozen,
 so that it is trained on the hard codes the transformer's tokens give it at sampling time.
 """
@@ -71,9 +71,10 @@ class DVAETrain(TrainConfig):
     image_every: int = 500        # steps between reconstruction grids (0 = only at the end)
     eval_images: int = 1000       # held-out images for the final PSNR and codebook usage
     eval_seed: int = 1            # shapes: rendering seed of the held-out images (must differ from data.seed)
-    decoder_steps: int = 0        # the last this many of train.steps train the decoder alone on the encoder's argmax
+    decoder_share: float = 0.0    # the last this share of train.steps train the decoder alone on the encoder's argmax
                                   # codes (DiscreteVAE.decoder_loss; encoder frozen): the one-hot codes it is given at
-                                  # sampling time, not the relaxed ones of the joint phase. Not in the paper (dvae.yaml)
+                                  # sampling time, not the relaxed ones of the joint phase. Not in the paper (dvae.yaml).
+                                  # A share, so that a budget or a smoke run that scales train.steps keeps both phases
     decoder_lr: float = 1e-3      # the rate of that phase, constant, with fresh AdamW moments
 
 
@@ -99,21 +100,26 @@ def check_config(cfg):
                          "dvae.n_blk_per_group at least 1")
     if cfg.train.eval_images < 1:
         raise ValueError("train.eval_images must be at least 1")
-    if not 0 <= cfg.train.decoder_steps < cfg.train.steps:
-        raise ValueError(f"train.decoder_steps ({cfg.train.decoder_steps}) must be in [0, train.steps): the joint "
-                         f"phase needs at least one step; raise train.steps or lower train.decoder_steps")
+    if not 0 <= cfg.train.decoder_share < 1:
+        raise ValueError(f"train.decoder_share ({cfg.train.decoder_share}) must be in [0, 1): the share of the steps "
+                         f"that train the decoder alone (the joint phase needs the rest)")
     if cfg.data.dataset == "shapes" and cfg.train.eval_seed == cfg.data.seed:
         raise ValueError(f"train.eval_seed ({cfg.train.eval_seed}) must differ from data.seed so that the held-out "
                          f"images are unseen")
 
 
 def learning_rate(tc: DVAETrain, step):
-    """train.lr along a warm-up and cosine over the joint phase (train.decoder_steps = 0: train.common's
+    """train.lr along a warm-up and cosine over the joint phase (train.decoder_share = 0: train.common's
     set_learning_rate schedule), then train.decoder_lr, constant, over the decoder phase."""
-    joint = tc.steps - tc.decoder_steps
+    joint = joint_steps(tc)
     if step < joint:
         return tc.lr * warmup_cosine(step, tc.warmup_steps, joint, tc.min_lr_ratio)
     return tc.decoder_lr
+
+
+def joint_steps(tc: DVAETrain):
+    """The steps of the joint phase: train.steps less the decoder phase's round(share * steps), at least 1."""
+    return max(1, tc.steps - round(tc.decoder_share * tc.steps))
 
 
 def make_optimizer(model, tc: DVAETrain, decoder_phase):
@@ -170,10 +176,10 @@ def main(argv=None):
     with torch.no_grad():
         model.encoder.blocks.output.conv.w.mul_(lc.logit_init_scale)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    joint_steps = tc.steps - tc.decoder_steps
+    joint = joint_steps(tc)
     # a checkpoint saved inside the decoder phase holds the decoder phase's optimizer (one saved at its first step,
     # the joint phase's)
-    optimizer = make_optimizer(model, tc, decoder_phase=resumed is not None and resumed["step"] > joint_steps)
+    optimizer = make_optimizer(model, tc, decoder_phase=resumed is not None and resumed["step"] > joint)
     start_step = resume_state(resumed, model, optimizer, ema, "dVAE checkpoint weights")
     eval_model = ema.model if ema else model
 
@@ -209,8 +215,8 @@ def main(argv=None):
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2
         diversity = (cosine_schedule(step, lc.diversity_steps, lc.diversity_weight, 0.0) if lc.diversity_steps
                      else lc.diversity_weight)
-        decoder_phase = step >= joint_steps
-        if step == joint_steps:  # the decoder phase starts with fresh moments (measured: continuing the joint
+        decoder_phase = step >= joint
+        if step == joint:  # the decoder phase starts with fresh moments (measured: continuing the joint
             optimizer = make_optimizer(model, tc, decoder_phase=True)  # phase's moments gained no shape; dvae.yaml)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(tc, step)
