@@ -279,7 +279,7 @@ def codebook_usage(tokens, vocab_size):
 
 def token_fingerprint(dvae):
     """What a transformer remembers of the dVAE whose tokens it was trained on: the dVAE's config and a SHA-256 of
-    its encoder's weights. The decoder is left out: one trained further on the same tokens (train.decoder_steps, or
+    its encoder's weights. The decoder is left out: one trained further on the same tokens (train.decoder_share, or
     a user's own) still decodes what the transformer draws, as Stable Diffusion's fine-tuned VAE decoders do."""
     from core.checkpoint import weights_sha256
     from core.config import config_to_dict

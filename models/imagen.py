@@ -43,6 +43,7 @@ from models.conditioning import Conditioning, guided_prediction
 from models.samplers import SamplerConfig, sample
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import Text2Image, load_text2image
+from models.unet import upsample
 
 
 def downsample(x, low_res):
@@ -52,12 +53,6 @@ def downsample(x, low_res):
         raise ValueError(f"images of {H}x{W} cannot be averaged down to {low_res}x{low_res}; the side must be a "
                          f"multiple of {low_res}")
     return F.interpolate(x, size=(H * low_res // W, low_res), mode="area")  # (B, C, h, w)
-
-
-def upsample(low_res, size):
-    """(B, C, r, r) -> (B, C, size, size) bilinearly (align_corners=False): how a stage sees its input (models/unet.py)
-    and, for a residual stage, what its output is added to."""
-    return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def aug_timestep(level, num_timesteps):
@@ -127,7 +122,7 @@ def super_resolve(stage: Stage, prompts, low_res, settings: SamplerConfig, aug_l
     denoise = lambda x_t, t: guided_prediction(pipe.model.denoise, x_t.to(dtype), t, cond,
                                                settings.guidance_scale).float()
     out = sample(denoise, x_T, pipe.schedule, settings, generator=generator, progress=progress, desc=desc)
-    return upsample(low_res, R) + out if stage.residual else out
+    return upsample(low_res, (R, R)) + out if stage.residual else out
 
 
 # ---------------------------------------------------------------- the pipeline

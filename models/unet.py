@@ -64,6 +64,12 @@ from models.attention import TransformerBlock
 from models.conditioning import Conditioning
 
 
+def upsample(low_res, size):
+    """(B, C, h, w) -> (B, C, H, W) for size (H, W), bilinearly (align_corners=False): how a super-resolution U-Net
+    sees its low-resolution input, and (models/imagen.py) what a residual stage adds its output to."""
+    return F.interpolate(low_res, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 @dataclass
 class UNetConfig:
     image_size: int = 32  # training resolution (pixels or latent cells); decides where attention goes
@@ -419,7 +425,7 @@ class UNet(nn.Module):
             if low_res.ndim != 4 or low_res.shape[:2] != (B, cfg.low_res_channels):
                 raise ValueError(f"low_res must be ({B}, {cfg.low_res_channels}, h, w), got {tuple(low_res.shape)}")
             if low_res.shape[2:] != (H, W):
-                low_res = F.interpolate(low_res, size=(H, W), mode="bilinear", align_corners=False)  # (B, c_lr, H, W)
+                low_res = upsample(low_res, (H, W))  # (B, c_lr, H, W)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C + c_lr, H, W)
             aug_level = torch.as_tensor(aug_level, device=x.device)
             if aug_level.ndim == 0:

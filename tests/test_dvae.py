@@ -182,7 +182,7 @@ def test_learning_rate_of_the_two_phases():
     assert train_dvae.learning_rate(tc, 60) == train_dvae.learning_rate(tc, 99) == 1e-3  # then decoder_lr
 
 
-def test_decoder_phase_freezes_the_encoder_and_resumes_exactly(tmp_path):
+def test_decoder_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, capsys):
     base = ["--config", "configs/shapes/dvae.yaml", "train.steps=6", "train.decoder_share=0.5", "train.ckpt_every=1",
             *TINY]
     train_dvae.main(base + [f"train.out_dir={tmp_path / 'a'}", "train.stop_after=3"])  # the joint phase only
@@ -193,6 +193,11 @@ def test_decoder_phase_freezes_the_encoder_and_resumes_exactly(tmp_path):
     a, b = (load_checkpoint(tmp_path / n / "ckpt.pt", "dvae")["model"] for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(a[k], joint[k]) for k in a if k.startswith("encoder."))
+    before = (tmp_path / "b" / "ckpt.pt").read_bytes()  # a step of the decoder phase, resumed as a joint one
+    capsys.readouterr()
+    err = cli_error(train_dvae.main, base + [f"train.out_dir={tmp_path / 'b'}", "train.resume=auto", "train.steps=9",
+                                             "train.decoder_share=0"], capsys)
+    assert "saved in the other phase" in err and (tmp_path / "b" / "ckpt.pt").read_bytes() == before
     assert any(not torch.equal(a[k], joint[k]) for k in a if k.startswith("decoder."))
 
 

@@ -57,10 +57,11 @@ from core.runtime import autocast, cleanup_distributed, get_device, run_cli, see
 from data.dataset import DataConfig, load_data
 from data.crops import CropSource
 from models.conditioning import Conditioning
-from models.imagen import Stage, downsample, noise_augment, super_resolve, upsample
+from models.imagen import Stage, downsample, noise_augment, super_resolve
 from models.samplers import SamplerConfig
 from models.schedule import NoiseSchedule, ScheduleConfig
 from models.text2image import ModelConfig, Text2Image, build_model, use_frozen_text_encoder, vae_fingerprint
+from models.unet import upsample
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNetConfig
@@ -309,7 +310,7 @@ def main(argv=None):
             stage = Stage(pipe, cfg.low_res, aug_schedule, residual=cfg.low_res_residual)
             low = downsample(truth, cfg.low_res)  # (4, 3, r, r)
             out = super_resolve(stage, data.captions[:4], low, sampler, 0.0, g, truncate=True, progress=False)
-            up = upsample(low, out.shape[-1])
+            up = upsample(low, out.shape[-2:])
             images = torch.cat([up.clamp(-1, 1), out.clamp(-1, 1), truth]).cpu()
         else:
             embeds = None
@@ -356,7 +357,7 @@ def main(argv=None):
             eps_low = torch.randn(low.shape, generator=g, device=device)
             cond = Conditioning(drop=drop, low_res=noise_augment(aug_schedule, low, s, eps_low), aug_level=s)
             if cfg.low_res_residual:  # SRDiff: the diffusion runs on what the clean input's upsample lacks
-                x0 = x0 - upsample(low, x0.shape[-1])
+                x0 = x0 - upsample(low, x0.shape[-2:])
         set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
             x_t = schedule.q_sample(x0, t, noise)  # Eq. 4

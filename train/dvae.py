@@ -153,6 +153,17 @@ def main(argv=None):
     check_config(cfg)
     tc, lc = cfg.train, cfg.loss
     out_dir, resumed = open_run(cfg, config_path, "dvae", ("data", "dvae", "loss"), "dvae")
+    joint = joint_steps(tc)
+    # a checkpoint saved inside the decoder phase holds the decoder phase's optimizer (one saved at its first step,
+    # the joint phase's); train.* may change on resuming, but not so that the step moves to the other phase
+    resumed_in_decoder_phase = resumed is not None and resumed["step"] > joint
+    if resumed is not None:
+        optimized = [k for k in resumed["model"] if k.startswith("decoder.") or not resumed_in_decoder_phase]
+        if len(resumed["optimizer"]["param_groups"][0]["params"]) != len(optimized):
+            raise ValueError(f"cannot resume: the checkpoint at step {resumed['step']} was saved in the other phase "
+                             f"than train.decoder_share={tc.decoder_share} puts that step in (joint phase: the first "
+                             f"{joint} steps); resume with the train.steps and train.decoder_share it was trained "
+                             f"with (nothing was overwritten)")
     ckpt_path = out_dir / "ckpt.pt"
     device = get_device(tc.device)
     seed_everything(tc.seed)
@@ -176,10 +187,7 @@ def main(argv=None):
     with torch.no_grad():
         model.encoder.blocks.output.conv.w.mul_(lc.logit_init_scale)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    joint = joint_steps(tc)
-    # a checkpoint saved inside the decoder phase holds the decoder phase's optimizer (one saved at its first step,
-    # the joint phase's)
-    optimizer = make_optimizer(model, tc, decoder_phase=resumed is not None and resumed["step"] > joint)
+    optimizer = make_optimizer(model, tc, decoder_phase=resumed_in_decoder_phase)
     start_step = resume_state(resumed, model, optimizer, ema, "dVAE checkpoint weights")
     eval_model = ema.model if ema else model
 
