@@ -76,6 +76,10 @@ def build_parser():
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="train every stage of the family for this many minutes in all, split as its configs' steps "
                         "are (sample/budget.py); default runs folder runs/budget_<M>min")
+    p.add_argument("--seed", type=int, default=None,
+                   help="train.seed of every stage of the family (init, data order, noise); the judges and the "
+                        "sampling seeds stay fixed, so two seeds measure the spread of training alone. A runs folder "
+                        "trained with another seed is refused: give each seed its own --runs")
     p.add_argument("--smoke", action="store_true", help="a few steps per stage: checks the chain, gives no result")
     return p
 
@@ -141,6 +145,9 @@ def run_family(args, name):
     parts = runs / "families" / name if args.budget_minutes is not None else runs
     judge_stages = judges(runs, args.smoke)
     family_stages = family.stages(parts, args.smoke)
+    if args.seed is not None:  # after the config's own overrides: the seed is the one thing that differs
+        for stage in family_stages:
+            stage.overrides.append(f"train.seed={args.seed}")
     timer = Timer()
     t_start = time.time()
     budget = None
@@ -162,7 +169,7 @@ def run_family(args, name):
                    "--out", str(demo / "samples.png")]))
 
     # ---- metrics (sample/judging.py: the same figures for every family and every sweep point)
-    report = {"family": name, "parts_folder": str(parts)}
+    report = {"family": name, "parts_folder": str(parts), "train_seed": 0 if args.seed is None else args.seed}
     report.update(judge(model, demo, classifier, judge_clip, args.fid_images, args.accuracy_n, timer))
     report["stage_seconds"] = timer.seconds
     report["stage_cpu_seconds"] = timer.cpu_seconds

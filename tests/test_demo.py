@@ -102,6 +102,13 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     unet.overrides.append("unet.patch_size=2")
     with pytest.raises(ValueError, match=r"unet.patch_size: 1 -> 2"):
         unet.done()
+    unet.overrides.pop()
+    # --seed: every stage of the family trains with that train.seed; a folder trained with another seed is refused
+    # before anything trains (the judges keep theirs: only the family's training varies between seeds)
+    assert first["train_seed"] == 0 and load_checkpoint(unet.ckpt, "diffusion")["config"]["train"]["seed"] == 0
+    before = unet.ckpt.read_bytes()
+    err = cli_error(demo.main, argv + ["--seed", "1"], capsys)
+    assert "train.seed: 0 -> 1" in err and "--runs <another folder>" in err and unet.ckpt.read_bytes() == before
 
 
 def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
