@@ -12,17 +12,26 @@ and reports, over all (image, other value) pairs,
 At small t the picture decides (keeps -> 1); where x_t no longer shows the attribute a model that reads the
 text follows it, one that does not stays at chance.
 
+The same x_t under the render's own prompt say how well the model denoises at each level, text aside:
+    mse       of x0_hat against x_0, in pixels (latent space: after decoding)
+    mse_input of x_t / sqrt(abar_t) against x_0, the do-nothing estimate (pixel space only)
+and `--grid FILE` saves the renders, then for each t a row of x_t and a row of x0_hat (latent space: decoded),
+enlarged: where a model draws a blob for the square it is shown, it has not learned the shapes' edges.
+
     python -m metrics.text_following --ckpt runs/diffusion_latent/ckpt.pt --attribute shape --t 100 300 500 700 900
     #   t  100 | follows 0.557 | keeps 0.177 ... t  700 | follows 0.596 | keeps 0.083 ... t  900 | follows 0.359
     # (the demo's latent U-Net. The earlier preset, 64 channels after 800 steps of 32 images, kept what the picture
     # showed and ignored the shape word: t 100 follows 0.021, keeps 0.865; t 700 follows 0.172, keeps 0.180)
+    python -m metrics.text_following --ckpt runs/imagen_base/ckpt.pt --grid base_denoising.png
 """
 import argparse
 import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from core.images import image_grid
 from core.runtime import run_cli
 from data.shapes import COLOURS, SHAPES, article, render_dataset
 from metrics.prompt_accuracy import check_trained_on_shapes
@@ -43,7 +52,55 @@ def build_parser():
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=11, help="rendering and noise seed")
     p.add_argument("--out", help="also write the figures to this JSON file")
+    p.add_argument("--grid", help="save renders, x_t and the x0 predictions under their own prompts (one row per t)")
+    p.add_argument("--grid-images", type=int, default=8, help="renders in --grid")
     return p
+
+
+def noised(pipe, x0, t_value, seed):
+    """x_t = q(x_t | x_0) at t_value for every row of x0, noise seeded by (seed, t): the same x_t for every probe."""
+    t = torch.full((len(x0),), t_value, device=x0.device, dtype=torch.long)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + t_value)).to(x0.device)
+    return t, pipe.schedule.q_sample(x0, t, noise)
+
+
+def prompt_of(obj):
+    return f"{article(obj['colour'])} {obj['colour']} {obj['shape']}"
+
+
+def to_pictures(pipe, x):
+    """Samples of the model's space -> pictures in [-1, 1] (latent space: decoded by the VAE)."""
+    return (x if pipe.vae is None else pipe.vae.decode(x / pipe.scale_factor)).clamp(-1, 1)
+
+
+@torch.no_grad()
+def denoising(pipe, images, attributes, timesteps, guidance_scale, seed):
+    """x0 predictions under each render's own prompt -> ({t: {"mse", "mse_input"}}, {t: (x_t, x0_hat) pictures}).
+    mse_input (pixel space): x_t / sqrt(abar_t), what the model would score by returning its input rescaled."""
+    device = next(pipe.model.parameters()).device
+    x = images.to(device)
+    x0 = x if pipe.vae is None else pipe.vae.encode(x).mode() * pipe.scale_factor
+    ids, mask = pipe.tokenizer([prompt_of(a["objects"][0]) for a in attributes],
+                               max_length=pipe.model.text_encoder.cfg.max_length)
+    cond = pipe.model.encode_text(ids.to(device), mask.to(device))
+    figures, pictures = {}, {}
+    for t_value in timesteps:
+        t, x_t = noised(pipe, x0, t_value, seed)
+        pred = guided_prediction(pipe.model.denoise, x_t, t, cond, guidance_scale)
+        x0_hat = to_pictures(pipe, pipe.schedule.predict_x0_and_eps(pred, x_t, t)[0])
+        figures[t_value] = {"mse": F.mse_loss(x0_hat, x).item()}
+        if pipe.vae is None:
+            figures[t_value]["mse_input"] = F.mse_loss(x_t / pipe.schedule.abar(t, x_t).sqrt(), x).item()
+        pictures[t_value] = (to_pictures(pipe, x_t), x0_hat)
+    return figures, pictures
+
+
+def save_grid(path, images, pictures, scale=4):
+    """Renders, then x_t and x0_hat for each t, one row each, enlarged `scale` times (nearest)."""
+    rows = [images, *(p for pair in pictures.values() for p in pair)]
+    grid = image_grid(torch.cat(rows).cpu(), nrow=len(images))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * scale, grid.height * scale), resample=0).save(path)
 
 
 @torch.no_grad()
@@ -55,22 +112,19 @@ def follow_rates(pipe, classifier, images, attributes, attribute, timesteps, gui
     truth = [a["objects"][0] for a in attributes]
     out = {}
     for t_value in timesteps:
-        t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed * 1000 + t_value)).to(device)
-        x_t = pipe.schedule.q_sample(x0, t, noise)
+        t, x_t = noised(pipe, x0, t_value, seed)
         follows = keeps = pairs = 0
         for value in VALUES[attribute]:
             rows = [i for i, obj in enumerate(truth) if obj[attribute] != value]
             if not rows:
                 continue
             objs = [dict(truth[i], **{attribute: value}) for i in rows]
-            prompts = [f"{article(o['colour'])} {o['colour']} {o['shape']}" for o in objs]
+            prompts = [prompt_of(o) for o in objs]
             ids, mask = pipe.tokenizer(prompts, max_length=pipe.model.text_encoder.cfg.max_length)
             cond = pipe.model.encode_text(ids.to(device), mask.to(device))
             pred = guided_prediction(pipe.model.denoise, x_t[rows], t[rows], cond, guidance_scale)
             x0_hat = pipe.schedule.predict_x0_and_eps(pred, x_t[rows], t[rows])[0]
-            pictures = x0_hat if pipe.vae is None else pipe.vae.decode(x0_hat / pipe.scale_factor)
-            for i, seen in zip(rows, predict_attributes(classifier, pictures.clamp(-1, 1))):
+            for i, seen in zip(rows, predict_attributes(classifier, to_pictures(pipe, x0_hat))):
                 got = seen["objects"][0][attribute] if seen["objects"] else None
                 follows += got == value
                 keeps += got == truth[i][attribute]
@@ -89,6 +143,8 @@ def main(argv=None):
     T = pipe.schedule.num_train_timesteps
     if any(not 0 <= t < T for t in args.t):
         raise ValueError(f"--t values must lie in 0..{T - 1} (the checkpoint's num_train_timesteps is {T})")
+    if args.grid and not 1 <= args.grid_images <= args.n:
+        raise ValueError(f"--grid-images must lie in 1..--n ({args.n}), got {args.grid_images}")
     classifier, _ = load_classifier(args.classifier, device)
     resolution = pipe.data["resolution"]
     images, _, attributes = render_dataset(args.n, resolution, args.seed, "train", 1, progress=False)
@@ -97,8 +153,17 @@ def main(argv=None):
     chance = 1 / len(VALUES[args.attribute])
     print(f"{args.attribute}: guided (scale {args.guidance}) x0 predictions for prompts naming another "
           f"{args.attribute} (chance {chance:.2f}), {args.n} renders")
+    figures, pictures = denoising(pipe, images, attributes, args.t, args.guidance, args.seed)
     for t, r in rates.items():
-        print(f"  t {t:4d} | follows {r['follows']:.3f} | keeps {r['keeps']:.3f} | {r['pairs']} pairs")
+        r.update(figures[t])
+        mse_input = f" (x_t itself {r['mse_input']:.4f})" if "mse_input" in r else ""
+        print(f"  t {t:4d} | follows {r['follows']:.3f} | keeps {r['keeps']:.3f} | {r['pairs']} pairs | own prompt: "
+              f"x0 MSE {r['mse']:.4f}{mse_input}")
+    if args.grid:
+        save_grid(args.grid, images[:args.grid_images],
+                  {t: tuple(p[:args.grid_images] for p in pair) for t, pair in pictures.items()})
+        print(f"wrote {args.grid}: renders, then x_t and x0_hat under their own prompts for t = "
+              f"{', '.join(map(str, args.t))}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"ckpt": args.ckpt, "attribute": args.attribute, "chance": chance,

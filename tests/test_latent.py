@@ -1,12 +1,15 @@
 """Latent diffusion: the U-Net trained on a frozen VAE's latents, the checkpoint's memory of its VAE, exact
 resumption, the ldm sampling pipeline and its presets, and the bad-input contract."""
+import json
 import re
 
 import pytest
 import torch
+from PIL import Image
 
 import sample.__main__ as sample_cli
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import config_to_dict
 from data.dataset import DataConfig, load_data
 from models.text2image import load_text2image, vae_fingerprint
 from models.vae import load_vae
@@ -163,3 +166,24 @@ def test_text_following_bad_input(ldm, tmp_path, capsys):
     assert "--t values must lie in 0..999" in err
     err = cli_error(probe.main, ["--ckpt", str(ldm), "--classifier", str(tmp_path / "none.pt")], capsys)
     assert "not found" in err
+    err = cli_error(probe.main, ["--ckpt", str(ldm), "--n", "4", "--grid", str(tmp_path / "g.png"),
+                                 "--grid-images", "5"], capsys)
+    assert "--grid-images must lie in 1..--n (4), got 5" in err and not (tmp_path / "g.png").exists()
+
+
+def test_text_following_grid_of_decoded_predictions(ldm, tmp_path, capsys):
+    """The probe in latent space: x_t and x0_hat decoded by the VAE, one row per t under the renders, and the x0
+    error of each t in the printout and the JSON (no do-nothing figure: x_t is a latent)."""
+    import metrics.text_following as probe
+    from models.classifier import ClassifierConfig, ShapesClassifier
+    clf = tmp_path / "clf.pt"
+    save_checkpoint(clf, {"kind": "shapes_classifier", "config": {"model": config_to_dict(ClassifierConfig())},
+                          "model": ShapesClassifier(ClassifierConfig()).state_dict()})
+    probe.main(["--ckpt", str(ldm), "--classifier", str(clf), "--n", "4", "--t", "10", "900", "--grid",
+                str(tmp_path / "g.png"), "--grid-images", "3", "--out", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    rates = json.loads((tmp_path / "r.json").read_text())["rates"]
+    assert set(rates) == {"10", "900"} and all(r["mse"] > 0 and "mse_input" not in r for r in rates.values())
+    assert f"x0 MSE {rates['900']['mse']:.4f}" in out
+    R = load_checkpoint(ldm, "diffusion")["config"]["data"]["resolution"]
+    assert Image.open(tmp_path / "g.png").size == (4 * (3 * (R + 2) + 2), 4 * (5 * (R + 2) + 2))  # 1 + 2 x 2 rows

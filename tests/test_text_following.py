@@ -73,3 +73,25 @@ def test_follow_and_keep_are_counted(monkeypatch, attribute):
         for t, r in rates.items():
             assert r["pairs"] == len(objects) * (values - 1)  # every render against every other value
             assert r["follows"] == expected["follows"] and r["keeps"] == expected["keeps"], (follow, t, r)
+
+
+def test_denoising_error_of_a_perfect_and_of_a_do_nothing_denoiser():
+    """Under their own prompts a model that draws the prompt's picture returns x_0 (error 0 at every t); one that
+    returns its input scores the MSE of x_t against x_0, and the do-nothing figure is x_t / sqrt(abar_t)'s."""
+    objects = [{"shape": s, "colour": c} for s, c in zip(SHAPES, COLOUR_NAMES)]
+    images = torch.stack([picture(o) for o in objects])
+    attributes = [{"objects": [o]} for o in objects]
+    schedule = NoiseSchedule(ScheduleConfig(prediction_type="sample"))
+    for follow in (True, False):
+        stand_in = StandIn(follow)
+        pipe = SimpleNamespace(model=stand_in, tokenizer=stand_in, schedule=schedule, vae=None, scale_factor=1.0)
+        figures, pictures = probe.denoising(pipe, images, attributes, [10, 500], 3.0, seed=2)
+        for t in (10, 500):
+            abar = schedule.alphas_cumprod[t]
+            noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(2 * 1000 + t))
+            x_t = abar.sqrt() * images + (1 - abar).sqrt() * noise
+            assert torch.allclose(pictures[t][0], x_t.clamp(-1, 1), atol=1e-6)
+            expected = 0.0 if follow else ((x_t.clamp(-1, 1) - images) ** 2).mean().item()
+            assert figures[t]["mse"] == pytest.approx(expected, abs=1e-7)
+            assert figures[t]["mse_input"] == pytest.approx(((x_t / abar.sqrt() - images) ** 2).mean().item(), rel=1e-5)
+        assert figures[10]["mse_input"] < figures[500]["mse_input"]
