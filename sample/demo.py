@@ -147,7 +147,7 @@ def run_family(args, name):
     family_stages = family.stages(parts, args.smoke)
     if args.seed is not None:  # after the config's own overrides: the seed is the one thing that differs
         for stage in family_stages:
-            stage.overrides.append(f"train.seed={args.seed}")
+            stage.overrides = [*stage.overrides, f"train.seed={args.seed}"]
     timer = Timer()
     t_start = time.time()
     budget = None

@@ -34,6 +34,9 @@ class Stage:
     overrides: list = field(default_factory=list)  # key=value after the config file
     filled_in: tuple = ()     # config keys the script sets itself (core.config.config_changes)
 
+    def __post_init__(self):
+        self.overrides = list(self.overrides)  # its own list: the families pass module-level ones (their SMOKE)
+
     @property
     def argv(self):
         return ["--config", str(self.config), f"train.out_dir={self.ckpt.parent}", "train.resume=auto",

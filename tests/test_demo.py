@@ -109,6 +109,7 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
     before = unet.ckpt.read_bytes()
     err = cli_error(demo.main, argv + ["--seed", "1"], capsys)
     assert "train.seed: 0 -> 1" in err and "--runs <another folder>" in err and unet.ckpt.read_bytes() == before
+    assert not any("train.seed" in o for stage in demo_ldm.stages(tmp_path, smoke=True) for o in stage.overrides)
 
 
 def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
