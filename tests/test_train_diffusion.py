@@ -14,6 +14,7 @@ from PIL import Image
 import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint
 from core.runtime import run_cli
+from models.pipeline import load_pipeline
 from train import diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,26 @@ def test_resume_continues_exactly(tmp_path, capsys):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]["weights"]:
         assert torch.equal(a["ema"]["weights"][key], b["ema"]["weights"][key]), key
+
+
+def test_without_ema_the_checkpoint_serves_the_trained_weights(tmp_path, capsys):
+    """train.ema_decay=0: no EMA is kept or stored, sampling loads the trained weights, and a resumed run still
+    continues exactly; an EMA cannot be switched on over such a checkpoint."""
+    whole = train(tmp_path, "train.steps=4", "train.ema_decay=0", name="whole")
+    part = train(tmp_path, "train.steps=4", "train.ema_decay=0", "train.stop_after=2", name="part")
+    train(tmp_path, "train.steps=4", "train.ema_decay=0", "train.resume=always", name="part")
+    a, b = (load_checkpoint(d / "ckpt.pt", "diffusion") for d in (whole, part))
+    assert a["ema"] is None and b["ema"] is None and b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    pipe = load_pipeline(whole / "ckpt.pt")
+    assert all(torch.equal(v, a["model"][k]) for k, v in pipe.model.state_dict().items() if k in a["model"])
+    capsys.readouterr()
+    err = cli_error(diffusion.main, TINY + [f"train.out_dir={whole}", "train.resume=always", "train.steps=5",
+                                            "train.ema_decay=0.99"], capsys)
+    assert "cannot resume with train.ema_decay > 0 from a checkpoint that has no EMA weights" in err
+    for bad in ("1", "-0.1"):
+        err = cli_error(diffusion.main, TINY + [f"train.ema_decay={bad}"], capsys)
+        assert f"train.ema_decay must be in [0, 1) (0 = no EMA: sampling uses the trained weights), got" in err
 
 
 def test_sampling_is_reproducible_and_writes_an_imagefolder(trained, tmp_path):

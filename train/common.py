@@ -81,7 +81,10 @@ def open_run(cfg, config_path, kind, fixed, name, filled_in=()):
     if changes:
         raise ValueError(f"cannot resume: {resume_from} was made with another config ({changes}); only train.* may "
                          f"change when resuming; resume with the same config or choose another train.out_dir")
-    if resumed.get("ema") and getattr(tc, "ema_decay", 0) > 0:
+    if getattr(tc, "ema_decay", 0) > 0:  # here, before any data is loaded (resume_state checks again)
+        if not resumed.get("ema"):
+            raise ValueError(f"cannot resume with train.ema_decay > 0 from a checkpoint that has no EMA weights; "
+                             f"resume with train.ema_decay=0 or choose another train.out_dir")
         EMA.check_decay(resumed["ema"], tc.ema_decay)
     return out_dir, resumed
 

@@ -78,7 +78,7 @@ class DiffusionTrain(TrainConfig):
     min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
     grad_clip: float = 1.0        # max global gradient norm (0 = off)
     log_every: int = 50           # steps between a log line / tensorboard scalars
-    ema_decay: float = 0.999      # EMA of the weights, used for sampling
+    ema_decay: float = 0.999      # EMA of the weights (0 = off); sampling uses the EMA when on
     cond_drop_prob: float = 0.1   # p_uncond: caption replaced by the null context (classifier-free guidance)
     image_drop_prob: float = 0.0  # unCLIP's decoder: z_i replaced by its learned null (the paper: 0.1, the caption 0.5)
     snr_gamma: float = 0.0        # Min-SNR-gamma loss weights (Hang et al. 2023; the paper uses 5); 0 = off, Eq. 14 as is
@@ -147,6 +147,9 @@ def check_config(cfg):
     elif cfg.unet.low_res_channels or cfg.train.crop or cfg.low_res_residual:
         raise ValueError("unet.low_res_channels, train.crop and low_res_residual are for super-resolution stages; set "
                          "low_res (the input side) or drop them")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (0 = no EMA: sampling uses the trained weights), got "
+                         f"{cfg.train.ema_decay}")
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
@@ -274,7 +277,7 @@ def main(argv=None):
     model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder,
                             image_embed_dim=cfg.image_embed_dim)
     model = build_model(model_cfg, tokenizer.vocab_size, frozen).to(device)
-    ema = EMA(model, tc.ema_decay)
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     start_step = resume_state(resumed, model, optimizer, ema, "diffusion checkpoint weights")
     if frozen:  # the frozen encoder's outputs for the training captions, computed once
@@ -303,8 +306,8 @@ def main(argv=None):
         sampler = SamplerConfig(**{**cfg.sampler.__dict__, "num_inference_steps": tc.sample_steps})
         g = torch.Generator(device).manual_seed(0)
         prompts = [p for p in tc.sample_prompts for _ in range(2)]
-        pipe = Text2Image(ema.model, tokenizer, schedule, model_cfg, sampler, config_to_dict(cfg.data), vae,
-                          scale_factor if vae is not None else 1.0)
+        pipe = Text2Image(ema.model if ema else model, tokenizer, schedule, model_cfg, sampler,
+                          config_to_dict(cfg.data), vae, scale_factor if vae is not None else 1.0)
         if cfg.low_res:  # rows: the low-res input (upsampled), the model's output, the ground truth
             truth = data.whole(range(4)).to(device)  # (4, 3, R, R)
             stage = Stage(pipe, cfg.low_res, aug_schedule, residual=cfg.low_res_residual)
@@ -370,7 +373,8 @@ def main(argv=None):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
         optimizer.step()
-        ema.update(model)
+        if ema:
+            ema.update(model)
 
         done = step + 1
         if world > 1:  # the logged loss is the mean over ranks
