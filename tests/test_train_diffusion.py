@@ -87,14 +87,15 @@ def test_without_ema_the_checkpoint_serves_the_trained_weights(tmp_path, capsys)
     assert a["ema"] is None and b["ema"] is None and b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     pipe = load_pipeline(whole / "ckpt.pt")
-    assert all(torch.equal(v, a["model"][k]) for k, v in pipe.model.state_dict().items() if k in a["model"])
+    served = pipe.model.state_dict()
+    assert set(served) == set(a["model"]) and all(torch.equal(served[k], a["model"][k]) for k in served)
     capsys.readouterr()
     err = cli_error(diffusion.main, TINY + [f"train.out_dir={whole}", "train.resume=always", "train.steps=5",
                                             "train.ema_decay=0.99"], capsys)
     assert "cannot resume with train.ema_decay > 0 from a checkpoint that has no EMA weights" in err
     for bad in ("1", "-0.1"):
         err = cli_error(diffusion.main, TINY + [f"train.ema_decay={bad}"], capsys)
-        assert f"train.ema_decay must be in [0, 1) (0 = no EMA: sampling uses the trained weights), got" in err
+        assert f"train.ema_decay must be in [0, 1) (0 = no EMA: sampling uses the trained weights), got {float(bad)}" in err
 
 
 def test_sampling_is_reproducible_and_writes_an_imagefolder(trained, tmp_path):
