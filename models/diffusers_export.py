@@ -55,14 +55,18 @@ def diffusers_vae_config(cfg: VAEConfig, scale_factor):
 
 
 def diffusers_scheduler_config(schedule: ScheduleConfig, settings: SamplerConfig):
-    """DDIMScheduler's config: our schedule (a sigmoid one as its betas) and the checkpoint's DDIM settings."""
+    """DDIMScheduler's config: our schedule (a sigmoid or log-SNR-shifted one as its betas) and the checkpoint's DDIM
+    settings. EDM's preconditioned output has no diffusers prediction_type: refused with one line."""
+    if schedule.prediction_type == "edm":
+        raise ValueError("a model trained with prediction_type edm has no diffusers scheduler (they predict epsilon, "
+                         "sample or v_prediction); export one trained with those")
     config = {"_class_name": "DDIMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
               "beta_start": schedule.beta_start, "beta_end": schedule.beta_end,
               "beta_schedule": {"cosine": "squaredcos_cap_v2"}.get(schedule.beta_schedule, schedule.beta_schedule),
               "prediction_type": schedule.prediction_type, "rescale_betas_zero_snr": schedule.rescale_betas_zero_snr,
               "clip_sample": False, "set_alpha_to_one": settings.set_alpha_to_one,
               "steps_offset": settings.steps_offset, "timestep_spacing": settings.timestep_spacing}
-    if schedule.beta_schedule == "sigmoid":
+    if schedule.beta_schedule == "sigmoid" or schedule.log_snr_shift:
         config["trained_betas"] = NoiseSchedule(schedule).betas.tolist()
     return config
 
@@ -87,6 +91,7 @@ def text_encoder_export(model, tokenizer):
 def export_diffusers(pipe: Text2Image, out_dir):
     """A Text2Image -> a diffusers folder (see the module docstring). Returns notes on what was not exported."""
     out, notes = Path(out_dir), []
+    scheduler = diffusers_scheduler_config(pipe.model_cfg.schedule, pipe.settings)  # (refuses before anything is written)
     unet = pipe.model.unet
     write_component(out / "unet", diffusers_unet_config(unet.cfg),
                     scatter(unet.state_dict(), unet_names(unet.cfg, "diffusers")), "diffusion_pytorch_model")
@@ -105,7 +110,7 @@ def export_diffusers(pipe: Text2Image, out_dir):
         notes.append("no vae/: a pixel-space model")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(diffusers_scheduler_config(pipe.model_cfg.schedule, pipe.settings), indent=2))
+        json.dumps(scheduler, indent=2))
     config, state, why = text_encoder_export(pipe.model, pipe.tokenizer)
     if config is None:
         notes.append(f"no text_encoder/: {why}")

@@ -9,6 +9,8 @@ Papers:
     Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv 2202.00512
         (v-prediction, Sec. 4: v = alpha_t eps - sigma_t x).
     Xu et al. 2022, "GeoDiff", arXiv 2203.02923 (the sigmoid schedule).
+    Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+        arXiv 2206.00364 (EDM: the preconditioning of Table 1, D = c_skip x + c_out F, loss weight 1 / c_out^2).
 
 Timestep convention (the whole codebase uses it; identical to diffusers'):
     t is an integer in [0, T-1] (T = num_train_timesteps) indexing `alphas_cumprod`. t = 0 is the LEAST noisy
@@ -31,6 +33,17 @@ Notation (code -> paper):
                                                         sigma_t^2 for 1 - abar_t)
     noise, eps         eps
     v                  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+    sigma_data         EDM's sigma_data; EDM's sigma is sqrt((1 - abar_t) / abar_t) and its x is x_t / sqrt(abar_t)
+
+EDM's preconditioning in these variables (prediction_type "edm"; K = 1 - abar + abar sigma_data^2, a = sqrt(abar),
+s = sqrt(1 - abar)): EDM's c_skip x = sigma_data^2 a x_t / K and c_out = sigma_data s / sqrt(K), so the network's
+output F gives
+    x0 = (sigma_data^2 a x_t + sigma_data s sqrt(K) F) / K,   eps = (s x_t - sigma_data a sqrt(K) F) / K,
+and its target is F = (s x0 - sigma_data^2 a eps) / (sigma_data sqrt(K)), finite at every t. The plain MSE on F is
+EDM's loss weight lambda = 1 / c_out^2 on ||D - x0||^2. With sigma_data = 1 (K = 1) F = -v: EDM is v-prediction with
+a smaller sigma_data, and as sigma_data -> 0 it tends to x0-prediction. EDM's input scaling c_in = 1 / sqrt(sigma^2 +
+sigma_data^2) is, in VP terms, x_t / sqrt(K): the U-Net here gets x_t, whose variance K is between sigma_data^2 and 1
+already (for data of variance sigma_data^2), so c_in is left out; EDM's c_noise (log sigma / 4) is the timestep t.
     prev_t             the timestep a sampler steps to; the paper's t-1, or any s < t with respacing; -1 = past 0
 """
 
@@ -41,7 +54,7 @@ from dataclasses import dataclass
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "edm")
 
 
 def check_choice(field: str, value, valid) -> None:
@@ -61,7 +74,9 @@ class ScheduleConfig:
     beta_start: float = 0.0001           # beta_0 of linear / scaled_linear / sigmoid (cosine ignores it)
     beta_end: float = 0.02               # beta_{T-1} of linear / scaled_linear / sigmoid (cosine ignores it)
     rescale_betas_zero_snr: bool = False # Lin et al. 2023 Alg. 1: shift/scale sqrt(abar) so abar_{T-1} = 0 exactly
-    prediction_type: str = "epsilon"     # what the model outputs: epsilon | sample (x_0) | v_prediction (v)
+    prediction_type: str = "epsilon"     # what the model outputs: epsilon | sample (x_0) | v_prediction (v) |
+                                         # edm (Karras et al.'s F, preconditioned with sigma_data; see above)
+    sigma_data: float = 0.5              # EDM's sigma_data, the data's standard deviation (prediction_type edm only)
     log_snr_shift: float = 0.0           # added to log SNR at every t (simple diffusion, resolution_shift below)
 
     def __post_init__(self):
@@ -69,6 +84,8 @@ class ScheduleConfig:
             raise ValueError("beta_schedule 'squaredcos_cap_v2' is diffusers' name; use beta_schedule='cosine'")
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if not self.sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0 (EDM uses 0.5 for images in [-1, 1]), got {self.sigma_data}")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}")
         if self.beta_schedule != "cosine" and not 0.0 < self.beta_start <= self.beta_end < 1.0:
@@ -198,6 +215,9 @@ class NoiseSchedule:
             return x0
         elif self.cfg.prediction_type == "v_prediction":
             return self.velocity(x0, noise, t)
+        elif self.cfg.prediction_type == "edm":
+            a, s, sd, root_k = self.edm_coefficients(t, x0)
+            return (s * x0 - sd**2 * a * noise) / (sd * root_k)
         check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
 
     def min_snr_weight(self, t, gamma: float, plus_one: bool = False) -> torch.Tensor:
@@ -209,6 +229,7 @@ class NoiseSchedule:
             sample (x0):   ||x0 - x0_hat||^2                        -> w = min(SNR, gamma)
             epsilon:       ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / SNR = min(1, gamma / SNR)
             v:             ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / (SNR + 1)
+            edm:           ||F - F_hat||^2 = (1 / sd^2 + SNR) ||x0 - x0_hat||^2 -> w = min(SNR, gamma) / (1 / sd^2 + SNR)
         (epsilon's weight is written min(1, gamma / SNR) so that SNR = 0, zero terminal SNR, gives 1, its limit.)
 
         plus_one (v-prediction only): the variant of kohya-ss sd-scripts and SimpleTuner, which clamp SNR + 1
@@ -230,6 +251,8 @@ class NoiseSchedule:
             return torch.clamp(snr, max=gamma)
         elif self.cfg.prediction_type == "v_prediction":
             return torch.clamp(snr, max=gamma) / (snr + 1)
+        elif self.cfg.prediction_type == "edm":
+            return torch.clamp(snr, max=gamma) / (1 / self.cfg.sigma_data**2 + snr)
         check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
 
     def predict_x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t):
@@ -238,6 +261,7 @@ class NoiseSchedule:
         epsilon:      DDPM Eq. 15:  x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
         sample:       eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
         v_prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        edm:          the two lines of the module docstring (EDM's c_skip, c_out)
         With zero terminal SNR (abar_{T-1} = 0), epsilon cannot give x0 at t = T-1 (division by 0): use v or x0.
         """
         assert model_output.shape == x_t.shape, f"model_output {tuple(model_output.shape)} != x_t {tuple(x_t.shape)}"
@@ -253,9 +277,22 @@ class NoiseSchedule:
         elif self.cfg.prediction_type == "v_prediction":
             x0 = sqrt_abar * x_t - sqrt_one_minus_abar * model_output
             eps = sqrt_abar * model_output + sqrt_one_minus_abar * x_t
+        elif self.cfg.prediction_type == "edm":
+            a, s, sd, root_k = self.edm_coefficients(t, x_t)
+            k = root_k * root_k
+            x0 = (sd**2 * a * x_t + sd * s * root_k * model_output) / k
+            eps = (s * x_t - sd * a * root_k * model_output) / k
         else:
             check_choice("prediction_type", self.cfg.prediction_type, PREDICTION_TYPES)
         return x0, eps
+
+    def edm_coefficients(self, t, like: torch.Tensor):
+        """(sqrt(abar), sqrt(1 - abar), sigma_data, sqrt(K)) with K = 1 - abar + abar sigma_data^2, each (B, 1, ..., 1)
+        in like's dtype: the pieces of EDM's c_skip and c_out in VP terms (module docstring)."""
+        abar = self.abar(t, like)
+        sd = self.cfg.sigma_data
+        root_k = (1 - abar + abar * sd**2).sqrt()
+        return abar.sqrt().to(like.dtype), (1 - abar).sqrt().to(like.dtype), sd, root_k.to(like.dtype)
 
     # --- posterior q(x_prev | x_t, x_0) -------------------------------------------------------------------------
 

@@ -437,6 +437,28 @@ def test_export_of_a_model_trained_here_gives_diffusers_our_outputs(text_encoder
     torch.testing.assert_close(scheduler.alphas_cumprod, pipe.schedule.alphas_cumprod)
 
 
+def test_exported_scheduler_keeps_a_shifted_schedule_and_refuses_edm(tmp_path):
+    """simple diffusion's log-SNR shift (the Imagen base's) goes to diffusers as its betas; an EDM-preconditioned
+    model has no diffusers prediction_type and is refused before anything is written."""
+    from dataclasses import replace
+
+    from diffusers import DDIMScheduler
+    from models.diffusers_export import diffusers_scheduler_config
+    from models.samplers import SamplerConfig
+    from models.schedule import ScheduleConfig
+
+    shifted = ScheduleConfig(beta_schedule="cosine", prediction_type="sample", log_snr_shift=-1.386)
+    config = diffusers_scheduler_config(shifted, SamplerConfig())
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(config))
+    scheduler = DDIMScheduler.from_pretrained(tmp_path)
+    torch.testing.assert_close(scheduler.alphas_cumprod, NoiseSchedule(shifted).alphas_cumprod, rtol=1e-5, atol=1e-7)
+    pipe = tiny_trained_pipeline("joint")
+    pipe.model_cfg.schedule = replace(pipe.model_cfg.schedule, prediction_type="edm")
+    with pytest.raises(ValueError, match="prediction_type edm has no diffusers scheduler"):
+        export_diffusers(pipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2
 
 def sample_error(argv, capsys):

@@ -162,7 +162,7 @@ def test_posterior_equals_gaussian_conditioning(beta_schedule):
 
 # --- prediction-type conversions ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("prediction_type", [*PREDICTIONS, "edm"])
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_training_target_round_trips_through_predict_x0_and_eps(prediction_type, zero_snr):
     s = make("scaled_linear", zero_snr, prediction_type, float64=True, **SD_BETAS)
@@ -178,7 +178,7 @@ def test_training_target_round_trips_through_predict_x0_and_eps(prediction_type,
     torch.testing.assert_close(eps_hat, eps, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("prediction_type", [*PREDICTIONS, "edm"])
 def test_min_snr_weight_turns_the_target_loss_into_min_snr_gamma_times_the_x0_loss(prediction_type):
     # Hang et al. 2023 Eq. 9: loss = min(SNR_t, gamma) ||x0 - x0_hat||^2. For any model output, the weight times
     # the MSE on the regressed target must equal that, whatever the target (eps, x0 or v).
@@ -234,6 +234,37 @@ def test_min_snr_plus_one_caps_the_v_loss_and_keeps_the_noisiest_steps():
     assert s.min_snr_weight(t, 5.0)[-1] < 1e-2
     with pytest.raises(ValueError, match="plus_one variant is for v_prediction"):
         make("cosine", prediction_type="epsilon").min_snr_weight(t, 5.0, plus_one=True)
+
+
+@pytest.mark.parametrize("sigma_data", [0.5, 0.2])
+def test_edm_prediction_is_karras_preconditioning_in_vp_variables(sigma_data):
+    # EDM (arXiv 2206.00364) Table 1 in its own variables: sigma = sqrt((1 - abar) / abar), x = x_t / sqrt(abar),
+    # D(x) = c_skip x + c_out F, c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), and the
+    # loss lambda ||D - x0||^2 with lambda = 1 / c_out^2. Ours must give the same x0 from F, and its plain MSE on F
+    # must be EDM's weighted loss.
+    s = make("cosine", prediction_type="edm", float64=True, sigma_data=sigma_data)
+    g = torch.Generator().manual_seed(2)
+    x0, eps, out = (torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 30, 200, 600, 990])
+    x_t = s.q_sample(x0, t, eps)
+    abar = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    sigma = ((1 - abar) / abar).sqrt()
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    denoised = c_skip * (x_t / abar.sqrt()) + c_out * out
+    torch.testing.assert_close(s.predict_x0_and_eps(out, x_t, t)[0], denoised, rtol=1e-9, atol=1e-9)
+    edm_loss = ((denoised - x0).pow(2) / c_out**2).mean((1, 2, 3))
+    torch.testing.assert_close((out - s.training_target(x0, eps, t)).pow(2).mean((1, 2, 3)), edm_loss,
+                               rtol=1e-7, atol=0)
+
+
+def test_edm_with_sigma_data_one_is_minus_v():
+    s = make("cosine", prediction_type="edm", sigma_data=1.0, float64=True)
+    v = make("cosine", prediction_type="v_prediction", float64=True)
+    g = torch.Generator().manual_seed(3)
+    x0, eps = (torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0, 300, 700, 999])
+    torch.testing.assert_close(s.training_target(x0, eps, t), -v.training_target(x0, eps, t), rtol=1e-9, atol=1e-9)
 
 
 def test_velocity_identities_and_diffusers_get_velocity():
@@ -303,7 +334,8 @@ def test_dtypes_follow_the_input():
     (dict(beta_schedule="cosin"), "did you mean 'cosine'"),
     (dict(beta_schedule="quadratic"), "linear, scaled_linear, cosine, sigmoid"),
     (dict(beta_schedule="squaredcos_cap_v2"), "beta_schedule='cosine'"),
-    (dict(prediction_type="eps"), "epsilon, sample, v_prediction"),
+    (dict(prediction_type="eps"), "epsilon, sample, v_prediction, edm"),
+    (dict(prediction_type="edm", sigma_data=0.0), "sigma_data must be > 0"),
     (dict(num_train_timesteps=1), "num_train_timesteps"),
     (dict(num_train_timesteps=10.0), "num_train_timesteps"),
     (dict(beta_start=0.02, beta_end=0.0001), "beta_start <= beta_end"),
