@@ -176,7 +176,9 @@ def gumbel_softmax(logits, tau, hard=False, dim=1, generator=None):
     """A sample of the gumbel-softmax relaxation (Jang et al. 2016, Eq. 1): softmax((logits + g) / tau) with
     g = -log(-log U) = -log(Exp(1)). hard: the one-hot of its argmax forward, the soft gradient backward
     (straight-through). Draws from `generator` (torch.manual_seed alone gives F.gumbel_softmax's draws)."""
-    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()  # Gumbel(0, 1)
+    # drawn in (B, K, h, w) order whatever the logits' memory order (train.channels_last), as F.gumbel_softmax does
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
+        generator=generator).log()  # Gumbel(0, 1)
     y = ((logits + gumbels) / tau).softmax(dim)
     if not hard:
         return y

@@ -66,8 +66,9 @@ def judges(runs, smoke):
                   train.clip.ClipTrainConfig, JUDGE_SMOKE["judge CLIP"] if smoke else [], train.clip.FILLED_IN)]
 
 
-# not what a run trained: a moved runs folder, a run resumed in pieces or checkpointed more often is the same stage
-WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after", "train.ckpt_every")
+# not what a run trained: a moved runs folder, a run resumed in pieces or checkpointed more often, or with its
+# convolutions in another memory order (the same function to float rounding) is the same stage
+WHERE_AND_HOW = ("train.out_dir", "train.resume", "train.stop_after", "train.ckpt_every", "train.channels_last")
 
 
 def checkpoint_reference(value):

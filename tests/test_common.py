@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from core.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from core.images import image_grid
-from train.common import EMA, warmup_cosine
+from train.common import EMA, TrainConfig, memory_format, warmup_cosine
 
 
 def test_checkpoint_round_trip_weights_only(tmp_path):
@@ -50,6 +50,20 @@ def test_load_weights_mismatch_message():
         load_weights(nn.Linear(3, 2), nn.Linear(4, 2).state_dict())
     with pytest.raises(ValueError, match="1 missing"):
         load_weights(nn.Linear(3, 2), {"weight": torch.zeros(2, 3)})
+
+
+def test_memory_format_puts_weights_and_batches_in_nhwc_order_and_changes_no_value():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(2, 2))
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    assert memory_format(TrainConfig(), conv)(torch.ones(1, 3, 4, 4)).is_contiguous()  # off: nothing moves
+    layout = memory_format(TrainConfig(channels_last=True), conv, None)
+    assert conv[0].weight.is_contiguous(memory_format=torch.channels_last) and not conv[0].weight.is_contiguous()
+    assert all(torch.equal(before[k], v) for k, v in conv.state_dict().items())
+    x = torch.randn(2, 3, 5, 5)
+    y = layout(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, y)
+    tokens = torch.randn(2, 7)
+    assert layout(tokens) is tokens
 
 
 def test_ema_is_the_exponential_average():

@@ -157,6 +157,20 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_channels_last_trains_the_same_dvae_to_float_rounding(tmp_path):
+    # train.channels_last changes where values sit in memory and which convolution kernels run, not the function:
+    # 4 steps (joint and decoder phases) land on the same weights to float rounding, and the same fingerprint
+    base = ["--config", "configs/shapes/dvae.yaml", "train.steps=4", "train.decoder_share=0.5", *TINY]
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'a'}"])
+    train_dvae.main(base + [f"train.out_dir={tmp_path / 'b'}", "train.channels_last=true"])
+    a, b = (load_checkpoint(tmp_path / n / "ckpt.pt", "dvae") for n in "ab")
+    assert any(not v.is_contiguous() for v in b["model"].values())  # it did train in NHWC order
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+    assert a["psnr"] == pytest.approx(b["psnr"], abs=1e-3)
+    assert load_dvae(tmp_path / "b" / "ckpt.pt")[0].encode(torch.zeros(1, 3, 16, 16)).shape == (1, 8, 8)
+
+
 def test_decoder_loss_is_the_nll_of_the_argmax_codes_and_leaves_the_encoder_alone():
     torch.manual_seed(0)
     model = DiscreteVAE(DVAEConfig(vocab_size=16, n_hid=8, n_init=8, group_count=2))

@@ -144,6 +144,19 @@ def test_stages_store_their_input_size_and_sample_through_python_m_sample(cascad
     assert len(list((tmp / "grid").glob("*.png"))) == 2 and Image.open(tmp / "grid" / "0000.png").size == (64, 64)
 
 
+@pytest.mark.parametrize("config, extra", [("imagen_sr1", "unet.attention_resolutions=[16]"),
+                                           ("imagen_base", "unet.attention_resolutions=[4]")])
+def test_channels_last_trains_the_same_stage_to_float_rounding(tmp_path, config, extra):
+    # train.channels_last (x_t and the noised low-res input in NHWC order, the U-Net's weights too): the same
+    # weights to float rounding after two steps, the super-resolution stage and the patched base alike
+    a = stage(tmp_path, "a", config, extra, "text_encoder=joint")
+    b = stage(tmp_path, "b", config, extra, "text_encoder=joint", "train.channels_last=true")
+    wa, wb = (load_checkpoint(p, "diffusion")["model"] for p in (a, b))
+    assert any(not v.is_contiguous() for v in wb.values())
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tmp_path):
     """SRDiff's parametrization: the stage trains on x0 - upsample(downsample(x0)) and returns upsample(input) + what
     it samples; with the U-Net's output zeroed (x-prediction: x0_hat = 0) the sampled residual is exactly 0."""

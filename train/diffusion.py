@@ -65,8 +65,8 @@ from models.unet import upsample
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNetConfig
-from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, open_run,
-                          resume_state, set_learning_rate, step_generator, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, memory_format,
+                          open_run, resume_state, set_learning_rate, step_generator, training_state)
 
 
 @dataclass
@@ -277,6 +277,7 @@ def main(argv=None):
     model_cfg = ModelConfig(cfg.tokenizer, cfg.text, cfg.unet, cfg.schedule, cfg.text_encoder,
                             image_embed_dim=cfg.image_embed_dim)
     model = build_model(model_cfg, tokenizer.vocab_size, frozen).to(device)
+    layout = memory_format(tc, model)  # train.channels_last
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     start_step = resume_state(resumed, model, optimizer, ema, "diffusion checkpoint weights")
@@ -358,12 +359,12 @@ def main(argv=None):
             s_max = round(tc.aug_max * (cfg.aug_schedule.num_train_timesteps - 1))
             s = torch.randint(0, s_max + 1, (local_batch,), generator=g, device=device)  # (b,)
             eps_low = torch.randn(low.shape, generator=g, device=device)
-            cond = Conditioning(drop=drop, low_res=noise_augment(aug_schedule, low, s, eps_low), aug_level=s)
+            cond = Conditioning(drop=drop, low_res=layout(noise_augment(aug_schedule, low, s, eps_low)), aug_level=s)
             if cfg.low_res_residual:  # SRDiff: the diffusion runs on what the clean input's upsample lacks
                 x0 = x0 - upsample(low, x0.shape[-2:])
         set_learning_rate(optimizer, tc, step)
         with autocast(device, tc.bf16):
-            x_t = schedule.q_sample(x0, t, noise)  # Eq. 4
+            x_t = layout(schedule.q_sample(x0, t, noise))  # Eq. 4
             pred = ddp_model(x_t, t, ids, mask, cond, **drops)
             err = (pred.float() - schedule.training_target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (b,) Eq. 14
             if tc.snr_gamma:

@@ -38,8 +38,8 @@ from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule
-from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
-                          step_generator, stopped_early, training_state, warmup_cosine)
+from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, memory_format, open_run,
+                          resume_state, step_generator, stopped_early, training_state, warmup_cosine)
 
 
 @dataclass
@@ -186,6 +186,7 @@ def main(argv=None):
     model = DiscreteVAE(cfg.dvae).to(device)
     with torch.no_grad():
         model.encoder.blocks.output.conv.w.mul_(lc.logit_init_scale)
+    layout = memory_format(tc, model)  # train.channels_last
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     optimizer = make_optimizer(model, tc, decoder_phase=resumed_in_decoder_phase)
     start_step = resume_state(resumed, model, optimizer, ema, "dVAE checkpoint weights")
@@ -217,7 +218,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="dvae", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        x = to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device)  # (B, 3, H, W)
+        x = layout(to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device))  # (B, 3, H, W)
         g = step_generator(tc.seed, step, device=device)  # the gumbel noise of this step
         tau = cosine_schedule(step, lc.tau_steps, lc.tau_start, lc.tau_end)    # App. A.2
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2

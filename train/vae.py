@@ -48,8 +48,8 @@ from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.vae import AutoencoderKL, NLayerDiscriminator, VAEConfig, adaptive_weight, hinge_d_loss
-from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, open_run,
-                          resume_state, set_learning_rate, step_generator, stopped_early, training_state)
+from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, memory_format,
+                          open_run, resume_state, set_learning_rate, step_generator, stopped_early, training_state)
 
 
 @dataclass
@@ -157,11 +157,13 @@ def main(argv=None):
 
     # ---- model, discriminator, optimizers, EMA
     model = AutoencoderKL(cfg.vae).to(device)
+    disc = NLayerDiscriminator(cfg.vae.in_channels, lc.disc_channels, lc.disc_layers, lc.disc_norm).to(device) \
+        if lc.disc_weight > 0 else None
+    layout = memory_format(tc, model, disc)  # train.channels_last
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    disc = disc_optimizer = None
-    if lc.disc_weight > 0:
-        disc = NLayerDiscriminator(cfg.vae.in_channels, lc.disc_channels, lc.disc_layers, lc.disc_norm).to(device)
+    disc_optimizer = None
+    if disc is not None:
         disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     start_step = resume_state(resumed, model, optimizer, ema, "VAE checkpoint weights")
     if resumed and disc:
@@ -199,7 +201,7 @@ def main(argv=None):
     bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="vae", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        x = to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device)  # (B, 3, H, W)
+        x = layout(to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device))  # (B, 3, H, W)
         # posterior noise from a generator seeded by (seed, step): the run is a function of its seed
         g = step_generator(tc.seed, step, device=device)
         gan_on = disc is not None and step >= lc.disc_start
