@@ -25,9 +25,10 @@ The notebooks get the same trained parts from `trained_parts` (the demo's runs/,
 On a machine with two or more cores the two judges train one after the other in child processes on one thread each
 (their output in runs/demo/<family>/logs/<judge>.log) beside the family's first stage, which needs nothing from them:
 the small models of the tiny presets use a second thread poorly (the VAE, batch 8: 168 s on one thread, 142 s on two),
-so the judges leave the critical path. The family's later stages wait for them and take every thread (the latent
-U-Net runs 1.15-1.2x faster on two threads, and slower on one beside another job: 528 s against about 400 s).
-`--sequential` runs every stage here, in turn.
+so the judges leave the critical path. The family's later stages wait for them and take every core: a stage whose
+script trains under torchrun (the latent U-Net) as one process per core (DDP over gloo, sample/stages.train_ddp: its
+steps 1.13x faster than one process on two threads, whose second thread adds only 1.15-1.2x), the others here on
+every thread. `--sequential` runs every stage here, in turn, in this process.
 """
 import argparse
 import json
@@ -43,7 +44,7 @@ from sample import demo_dalle, demo_imagen, demo_ldm, demo_unclip
 from sample.budget import apply_budget
 from sample.compare import compare
 from sample.judging import judge, summary_lines
-from sample.stages import CONFIGS, Lane, Timer, judges, keep_stage_seconds
+from sample.stages import CONFIGS, Lane, Timer, judges, keep_stage_seconds, train_ddp
 
 FAMILIES = ("ldm", "dalle", "imagen", "unclip")  # python -m sample.demo --family NAME; each: sample/demo_<family>.py
 
@@ -114,9 +115,21 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
         for stage in pending:
             timer.run(stage.name, lambda: stage.script.main(stage.argv))
         timer.run(first.name, lambda: first.script.main(first.argv), skip=first.done())
+    processes = ddp_processes(sequential)
     for stage in rest:
-        timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
+        if stage.ddp and processes > 1:
+            timer.run(stage.name, lambda: train_ddp(stage, processes), skip=stage.done(), children=True)
+        else:
+            timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
     keep_stage_seconds((*judge_stages, *family_stages), timer)
+
+
+def ddp_processes(sequential):
+    """How many processes a stage that supports torchrun trains as: one per core (at most 2: measured there) on a CPU
+    machine of two cores or more, unless --sequential; else 1 (this process, on every thread; a GPU trains alone)."""
+    if sequential or torch.cuda.is_available() or os.environ.get("RANK") is not None:
+        return 1
+    return min(2, os.cpu_count() or 1)
 
 
 def trained_parts(family="ldm", quick=False, runs="runs"):

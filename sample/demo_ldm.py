@@ -37,7 +37,7 @@ def stages(runs, smoke):
               SMOKE["VAE"] if smoke else []),
         Stage("latent U-Net", train.diffusion, CONFIGS / "diffusion_latent.yaml",
               runs / "diffusion_latent" / "ckpt.pt", "diffusion", train.diffusion.DiffusionConfig,
-              [f"vae={vae}", *(SMOKE["latent U-Net"] if smoke else [])]),
+              [f"vae={vae}", *(SMOKE["latent U-Net"] if smoke else [])], ddp=True),
     ]
 
 

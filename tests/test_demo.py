@@ -11,7 +11,7 @@ import torch
 from core.checkpoint import load_checkpoint
 from data.claims import eval_prompts
 from sample import demo, demo_ldm
-from sample.stages import Background, Lane, Timer, judges
+from sample.stages import Background, Lane, Timer, judges, train_ddp
 from tests.test_train_diffusion import cli_error
 
 
@@ -33,6 +33,10 @@ def test_demo_smoke_runs_every_stage_and_skips_finished_ones(tmp_path, capsys, m
         assert "accuracy on 32 fresh renders" not in out
         assert "accuracy on 32 fresh renders" in (folder / "logs" / "classifier.log").read_text()
         assert (folder / "logs" / "judge_CLIP.log").read_text().strip()
+        # the latent U-Net trained as two processes of one thread (torchrun), its CPU time theirs
+        assert "2 processes of one thread (torchrun, gloo)" in out
+        assert report["stage_cpu_seconds"]["latent U-Net"] > 0
+        assert load_checkpoint(tmp_path / "diffusion_latent" / "ckpt.pt", "diffusion")["step"] == 3
     # every prompt was judged (one image each: --accuracy-n 1), and every image counted by FID and CLIP score
     assert report["prompt_accuracy"]["heldin"]["images"] == len(eval_prompts("train"))
     assert report["prompt_accuracy"]["heldout"]["images"] == len(eval_prompts("heldout"))
@@ -122,6 +126,16 @@ def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
     log = (tmp_path / "logs" / "classifier.log").read_text()
     assert "unknown config key 'train.num_steps'" in log  # the child's own one-line error is kept for the user
     assert timer.seconds["classifier"] > 0
+
+
+def test_a_stage_failing_under_torchrun_is_one_line_naming_the_way_out(tmp_path):
+    (unet,) = [stage for stage in demo_ldm.stages(tmp_path, smoke=True) if stage.name == "latent U-Net"]
+    assert unet.ddp
+    unet.overrides.append("unet.chanels=8")
+    with pytest.raises(ValueError, match=r"the latent U-Net stage failed under torchrun \(exit code 1; its output is "
+                                         r"above\); run the demo with --sequential"):
+        train_ddp(unet, 2)
+    assert not unet.ckpt.exists()
 
 
 def test_stop_ends_the_child_beside_the_vae(tmp_path):

@@ -66,6 +66,31 @@ def test_latent_training_target_is_the_scaled_posterior_sample(vaes):
     assert mean.shape == (20, 4, 8, 8)
 
 
+def _encode_on_rank(rank, vae_path, store, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    vae, _, _ = load_vae(vae_path)
+    data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False, world=2, rank=rank)
+    torch.save({"mean": mean, "std": std}, f"{out}_{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_latents_encoded_by_two_ranks_are_every_image_s_on_both(vaes, tmp_path):
+    """Under DDP each rank encodes every other batch (3 batches of 7: rank 0 two, rank 1 one) and the sum gives
+    both ranks the whole set, equal to one process's encoding."""
+    import torch.multiprocessing as mp
+    mp.spawn(_encode_on_rank, args=(vaes[0], tmp_path / "store", tmp_path / "latents"), nprocs=2)
+    vae, _, _ = load_vae(vaes[0])
+    data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"latents_{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["mean"], mean, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got["std"], std, atol=1e-6, rtol=1e-6)
+
+
 def test_latent_resume_is_exact(vaes, tmp_path, capsys):
     """The posterior noise is drawn from the step's generator: a resumed run has the same losses."""
     base = LDM_TINY + [f"vae={vaes[0]}", "train.steps=4"]

@@ -204,15 +204,30 @@ def check_latent_config(cfg, vae_cfg):
 
 
 @torch.no_grad()
-def encode_latents(vae, data, device, batch_size=256, progress=True):
-    """The VAE posterior of every image, once: mean and std (N, c, h, w) on the CPU."""
-    means, stds = [], []
-    for i in tqdm(range(0, len(data), batch_size), desc="encoding latents", disable=not progress,
-                  dynamic_ncols=True):
-        posterior = vae.encode(data.batch(torch.arange(i, min(i + batch_size, len(data))))[0].to(device))
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
+def encode_latents(vae, data, device, batch_size=256, progress=True, world=1, rank=0):
+    """The VAE posterior of every image, once: mean and std (N, c, h, w) on the CPU. Under DDP (world > 1) each rank
+    encodes every world-th batch and the ranks add up their shares (zeros elsewhere, so the sum is exact): every rank
+    gets all of them in 1 / world of the time."""
+    starts = range(0, len(data), batch_size)
+    mean = std = None
+    for i in tqdm(starts[rank::world], desc="encoding latents", disable=not progress, dynamic_ncols=True):
+        idx = torch.arange(i, min(i + batch_size, len(data)))
+        posterior = vae.encode(data.batch(idx)[0].to(device))
+        if mean is None:
+            mean = torch.zeros(len(data), *posterior.mean.shape[1:])
+            std = torch.zeros_like(mean)
+        mean[idx] = posterior.mean.float().cpu()
+        std[idx] = posterior.std.float().cpu()
+    if world > 1:
+        shape = [0, 0, 0, 0] if mean is None else list(mean.shape)  # a rank without a batch learns the shape
+        shape = torch.tensor(shape, device=device)
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX)
+        if mean is None:
+            mean, std = torch.zeros(*shape.tolist()), torch.zeros(*shape.tolist())
+        both = torch.stack([mean, std]).to(device)  # (2, N, c, h, w)
+        dist.all_reduce(both)
+        mean, std = both.cpu().unbind(0)
+    return mean, std
 
 
 def main(argv=None):
@@ -262,7 +277,7 @@ def main(argv=None):
         print(cut, flush=True)
     if vae is not None:
         vae = vae.to(device)
-        latent_mean, latent_std = encode_latents(vae, data, device, progress=is_main)  # (N, c, h, w) each
+        latent_mean, latent_std = encode_latents(vae, data, device, progress=is_main, world=world, rank=rank)
         if is_main:
             print(f"encoded {len(data)} images to {tuple(latent_mean.shape[1:])} latents; scale factor "
                   f"{scale_factor:.4f} (scaled latent std {(latent_mean * scale_factor).std():.3f})", flush=True)
