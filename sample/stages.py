@@ -160,22 +160,26 @@ class Timer:
         return out
 
 
+def child_env():
+    """The environment of a stage trained in child processes: one thread each, and this repository importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def train_ddp(stage, processes):
     """`python -m torch.distributed.run --standalone --nproc_per_node P -m <script> <argv>`: the stage as P processes of
     one thread each (DDP over gloo, the global batch split between them), its output on this console. On these CPUs
     the latent U-Net's steps run 1.13x faster so than as one process on two threads, whose second thread adds only
-    1.15-1.2x (docs/results.md). Returns the CPU seconds the processes took; a failure is a ValueError of one line."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    1.15-1.2x (docs/results.md). Its config is read here first, so that a bad key is one line before any process
+    starts; a failure in the processes is a ValueError of one line (Timer.run(children=True) counts their CPU time)."""
+    load_config(stage.config_cls, str(stage.config), stage.overrides)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", stage.module, *stage.argv]
     print(f"{processes} processes of one thread (torchrun, gloo): {' '.join(command[1:])}", flush=True)
-    cpu0 = children_cpu_seconds()
-    code = subprocess.run(command, env=env).returncode
+    code = subprocess.run(command, env=child_env()).returncode
     if code != 0:
         raise ValueError(f"the {stage.name} stage failed under torchrun (exit code {code}; its output is above); "
                          f"run the demo with --sequential to train it in this process")
-    return children_cpu_seconds() - cpu0
 
 
 class Background:
@@ -195,8 +199,7 @@ class Background:
         self.timer.cpu_seconds[self.name] = None
         self.timer.beside.add(self.name)
         print(f"\n==== {self.name}: training beside the family's first stage, one thread, log {self.log}", flush=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        env = child_env()
         self.t0, self.children_cpu0 = time.time(), children_cpu_seconds()
         with open(self.log, "w") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -131,7 +131,10 @@ def test_a_failing_stage_beside_the_vae_is_an_error_naming_its_log(tmp_path):
 def test_a_stage_failing_under_torchrun_is_one_line_naming_the_way_out(tmp_path):
     (unet,) = [stage for stage in demo_ldm.stages(tmp_path, smoke=True) if stage.name == "latent U-Net"]
     assert unet.ddp
-    unet.overrides.append("unet.chanels=8")
+    unet.overrides.append("unet.chanels=8")  # a bad key: refused here, before any process starts
+    with pytest.raises(ValueError, match="unet.chanels"):
+        train_ddp(unet, 2)
+    unet.overrides[-1] = f"vae={tmp_path / 'missing' / 'ckpt.pt'}"  # fails in the processes
     with pytest.raises(ValueError, match=r"the latent U-Net stage failed under torchrun \(exit code 1; its output is "
                                          r"above\); run the demo with --sequential"):
         train_ddp(unet, 2)
