@@ -254,21 +254,24 @@ class DiscreteVAE(nn.Module):
         rec = unmap_pixels(torch.sigmoid(mu.float())) * 2 - 1
         return loss, {"nll": nll.mean(), "kl": kl.mean(), "diversity": spread, "logits": logits, "rec": rec}
 
-    def decoder_loss(self, x):
+    def decoder_loss(self, x, tokens=None):
         """The decoder alone on the codes it is given at sampling time: -log p(x | D(one_hot(argmax logits))) per
-        pixel, the encoder held fixed (no gradient reaches it). x (B, 3, H, W) in [-1, 1].
+        pixel, the encoder held fixed (no gradient reaches it). x (B, 3, H, W) in [-1, 1]; tokens (B, h, w): x's
+        argmax codes when already known (train/dvae.py encodes the training images once for the whole phase, the
+        encoder being frozen), else the encoder's here.
         Not in the paper, whose decoder only ever sees relaxed codes (tau -> 1/16); a short phase of this after
         the joint training closes the gap between the relaxed and the hard codes (configs/shapes/dvae.yaml).
-        Returns (loss, dict(nll, logits, rec in [-1, 1]))."""
+        Returns (loss, dict(nll, tokens, rec in [-1, 1]))."""
         self.check_images(x)
         x_mapped = map_pixels((x + 1) / 2)
-        with torch.no_grad():
-            logits = self.encoder(x_mapped)  # (B, K, h, w)
-        z = F.one_hot(logits.argmax(1), self.cfg.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)  # (B, K, h, w)
+        if tokens is None:
+            with torch.no_grad():
+                tokens = self.encoder(x_mapped).argmax(1)  # (B, h, w)
+        z = F.one_hot(tokens, self.cfg.vocab_size).permute(0, 3, 1, 2).float()  # (B, K, h, w)
         mu, log_b = self.decode_codes(z)
         nll = -logit_laplace_log_prob(x_mapped, mu.float(), log_b.float()).mean()
         rec = unmap_pixels(torch.sigmoid(mu.float())) * 2 - 1
-        return nll, {"nll": nll, "logits": logits, "rec": rec}
+        return nll, {"nll": nll, "tokens": tokens, "rec": rec}
 
 
 def codebook_usage(tokens, vocab_size):

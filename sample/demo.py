@@ -89,14 +89,24 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
     """The judges and the family's stages. With two cores or more and both still to train, the judges that are not
     done train in a lane of their own (child processes on one thread each, one after the other: sample/stages.Lane)
     beside the family's first stage, which runs on the other threads; the family's later stages wait for the lane and
-    take every thread. Else everything here, in turn."""
+    take every core. A first stage that trains as one process per core (Stage.ddp) takes every core itself: the
+    judges train before it, here. Else everything here, in turn."""
     for stage in judge_stages:
         if stage.done():
             timer.skipped(stage.name)
     pending = [stage for stage in judge_stages if stage.name not in timer.seconds]
     first, rest = family_stages[0], family_stages[1:]
-    lane = None
-    if pending and not first.done() and not sequential and (os.cpu_count() or 1) >= 2:
+    processes = ddp_processes(sequential)
+
+    def train(stage):
+        if stage.ddp and processes > 1:
+            timer.run(stage.name, lambda: train_ddp(stage, processes), skip=stage.done(), children=True)
+        else:
+            timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
+
+    beside = (pending and not first.done() and not sequential and (os.cpu_count() or 1) >= 2
+              and not (first.ddp and processes > 1))
+    if beside:
         lane = Lane(pending, log_dir, timer)
         lane.start()
         threads = torch.get_num_threads()
@@ -114,13 +124,9 @@ def train_stages(family_stages, judge_stages, log_dir, timer, sequential):
     else:
         for stage in pending:
             timer.run(stage.name, lambda: stage.script.main(stage.argv))
-        timer.run(first.name, lambda: first.script.main(first.argv), skip=first.done())
-    processes = ddp_processes(sequential)
+        train(first)
     for stage in rest:
-        if stage.ddp and processes > 1:
-            timer.run(stage.name, lambda: train_ddp(stage, processes), skip=stage.done(), children=True)
-        else:
-            timer.run(stage.name, lambda: stage.script.main(stage.argv), skip=stage.done())
+        train(stage)
     keep_stage_seconds((*judge_stages, *family_stages), timer)
 
 

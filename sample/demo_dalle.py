@@ -5,9 +5,12 @@ classifier-free guidance on the logits and re-ranked by a CLIP that is not the j
 
 Paper: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation", arXiv 2102.12092.
 Stages (each a training script of its own, in this order; sample/demo.py runs them, the judges and the metrics):
-    dVAE              python -m train.dvae --config configs/shapes/dvae.yaml        32 px -> 8x8 tokens of K 512
     re-ranking CLIP   python -m train.clip --config configs/shapes/clip.yaml        runs/clip (not the judge)
+    dVAE              python -m train.dvae --config configs/shapes/dvae.yaml        32 px -> 8x8 tokens of K 512
     transformer       python -m train.dalle --config configs/shapes/dalle.yaml      16 text + 64 image tokens
+The re-ranking CLIP comes first, short, so that it is the stage the judges train beside (one thread each): the dVAE
+and the transformer then train on every thread from their first step (each 1.6-1.75x faster on two threads than on
+one here; as two processes, no faster than on two threads: docs/results.md).
 Sampling: the pipeline config's preset (fast: guidance 3 on the logits, no filter, one candidate); --guidance
 overrides the guidance. report() adds the dVAE's figures and the re-ranking curve (prompt accuracy and the judge's
 CLIP score against the number of candidates N, the paper's Fig. 9 in miniature) to metrics.json.
@@ -34,10 +37,10 @@ CANDIDATES = (1, 4, 16, 64)  # the re-ranking curve's N
 def stages(runs, smoke):
     dvae = runs / "dvae" / "ckpt.pt"
     return [
-        Stage("dVAE", train.dvae, CONFIGS / "dvae.yaml", dvae, "dvae", train.dvae.DVAETrainConfig,
-              SMOKE["dVAE"] if smoke else []),
         Stage("re-ranking CLIP", train.clip, CONFIGS / "clip.yaml", runs / "clip" / "ckpt.pt", "clip",
               train.clip.ClipTrainConfig, SMOKE["re-ranking CLIP"] if smoke else [], train.clip.FILLED_IN),
+        Stage("dVAE", train.dvae, CONFIGS / "dvae.yaml", dvae, "dvae", train.dvae.DVAETrainConfig,
+              SMOKE["dVAE"] if smoke else []),
         Stage("transformer", train.dalle, CONFIGS / "dalle.yaml", runs / "dalle" / "ckpt.pt", "dalle",
               train.dalle.DalleTrainConfig, [f"dvae={dvae}", *(SMOKE["transformer"] if smoke else [])],
               train.dalle.FILLED_IN),

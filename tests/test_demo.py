@@ -210,7 +210,7 @@ def test_every_family_keeps_the_demo_contract_and_all_compares_them(tmp_path, ca
     shared = {"family", "prompt_accuracy", "fid", "clip_score", "r_precision", "r_precision_real", "stage_seconds",
               "stage_cpu_seconds", "total_seconds", "seconds_per_image"}
     first = {"ldm": ["classifier", "judge CLIP", "VAE", "latent U-Net"],
-             "dalle": ["classifier", "judge CLIP", "dVAE", "re-ranking CLIP", "transformer"],
+             "dalle": ["classifier", "judge CLIP", "re-ranking CLIP", "dVAE", "transformer"],
              "imagen": ["classifier", "judge CLIP", "text LM"],
              "unclip": ["classifier", "judge CLIP", "CLIP", "VAE", "prior", "decoder"]}
     reports = {}

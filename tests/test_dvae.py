@@ -181,6 +181,8 @@ def test_decoder_loss_is_the_nll_of_the_argmax_codes_and_leaves_the_encoder_alon
     expected = -logit_laplace_log_prob(map_pixels((x + 1) / 2), mu, log_b).mean()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(parts["rec"], model.decode(tokens))
+    torch.testing.assert_close(model.decoder_loss(x, tokens)[0], loss)  # the codes given: the same loss
+    assert not torch.equal(model.decoder_loss(x, tokens.flip(0))[0], loss)  # ... and they are what it decodes
     loss.backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())

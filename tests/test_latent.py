@@ -1,6 +1,7 @@
 """Latent diffusion: the U-Net trained on a frozen VAE's latents, the checkpoint's memory of its VAE, exact
 resumption, the ldm sampling pipeline and its presets, and the bad-input contract."""
 import json
+import os
 import re
 
 import pytest
@@ -16,6 +17,7 @@ from models.vae import load_vae
 from tests.test_train_diffusion import cli_error, losses
 from train import diffusion
 from train import vae as train_vae
+from train.common import Ranks
 
 VAE_TINY = ["data.num_images=32", "data.resolution=16", "vae.channels=8", "vae.channel_mult=[1, 2]",
             "vae.num_res_blocks=1", "vae.norm_groups=4", "train.steps=2", "train.batch_size=8",
@@ -59,7 +61,7 @@ def test_latent_training_target_is_the_scaled_posterior_sample(vaes):
     """encode_latents gives the encoder's posterior mean and std for every image, in data order."""
     vae, _, _ = load_vae(vaes[0])
     data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
-    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", Ranks(1), batch_size=7, progress=False)
     posterior = vae.encode(data.batch(torch.arange(20))[0])
     torch.testing.assert_close(mean, posterior.mean, atol=1e-5, rtol=0)
     torch.testing.assert_close(std, posterior.std, atol=1e-6, rtol=1e-5)
@@ -69,10 +71,13 @@ def test_latent_training_target_is_the_scaled_posterior_sample(vaes):
 def _encode_on_rank(rank, vae_path, store, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them; Ranks joins the group below
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     vae, _, _ = load_vae(vae_path)
     data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
-    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False, world=2, rank=rank)
+    ranks = Ranks(14)
+    assert (ranks.rank, ranks.world) == (rank, 2)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", ranks, batch_size=7, progress=False)
     torch.save({"mean": mean, "std": std}, f"{out}_{rank}.pt")
     dist.destroy_process_group()
 
@@ -84,7 +89,7 @@ def test_latents_encoded_by_two_ranks_are_every_image_s_on_both(vaes, tmp_path):
     mp.spawn(_encode_on_rank, args=(vaes[0], tmp_path / "store", tmp_path / "latents"), nprocs=2)
     vae, _, _ = load_vae(vaes[0])
     data = load_data(DataConfig(resolution=16, num_images=20), progress=False)
-    mean, std = diffusion.encode_latents(vae, data, "cpu", batch_size=7, progress=False)
+    mean, std = diffusion.encode_latents(vae, data, "cpu", Ranks(1), batch_size=7, progress=False)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"latents_{rank}.pt", weights_only=True)
         torch.testing.assert_close(got["mean"], mean, atol=1e-6, rtol=1e-6)

@@ -12,14 +12,19 @@ One convention for every script (train/diffusion.py, vae.py, clip.py, classifier
 """
 import copy
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
 from core.config import config_to_dict, default_out_dir, stored_config_changes
+from core.runtime import cleanup_distributed, setup_distributed
 
 
 @dataclass
@@ -165,6 +170,98 @@ def batch_indices(step, batch_size, num_items, seed):
         perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         out += perm[offset: offset + batch_size - len(out)].tolist()
     return torch.tensor(out)
+
+
+class Ranks:
+    """This process's share of a data-parallel run under torchrun (one process per GPU, or per core on a CPU:
+    `torchrun --standalone --nproc_per_node N -m train.<script> ...`); rank 0 of world 1 when not distributed.
+
+    Data parallelism in four lines: every rank takes its slice of the global batch (`share`), computes the gradient
+    of the mean loss over that slice, the ranks average their gradients (`average_gradients`, or DDP's hooks when
+    the model is `wrap`ped), and every rank takes the same optimizer step, so the replicas stay identical
+    (`check_replicas` says so at the end). With equal slices the averaged gradient is the gradient of the global
+    batch's mean loss: the run trains what one process on the whole batch would, up to the order of float sums and
+    the random draws of a step, which are per rank (step_generator). Only rank 0 (`is_main`) logs and writes."""
+
+    def __init__(self, batch_size):
+        world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1  # as torchrun sets them
+        if batch_size % world:  # refused before joining the group, on every rank alike
+            raise ValueError(f"train.batch_size ({batch_size}) must be divisible by the {world} DDP ranks; give a "
+                             f"multiple of {world} or start fewer processes")
+        self.rank, self.world = setup_distributed()
+        self.is_main = self.rank == 0
+
+    def share(self, idx):
+        """This rank's rows of the global batch's indices (B,) -> (B / world,)."""
+        return idx[self.rank::self.world]
+
+    def wrap(self, model):
+        """DistributedDataParallel(model) under torchrun (gradients averaged by its hooks during backward, in
+        buckets overlapping the backward pass), else the model itself. For models called through their forward."""
+        return DistributedDataParallel(model) if self.world > 1 else model
+
+    def average_gradients(self, module):
+        """After backward: every parameter's gradient replaced by the mean over the ranks, in one all-reduce of
+        the flattened gradients. For models trained through methods other than forward, or with parts frozen in
+        some phases (the dVAE's decoder phase), which DDP's hooks do not follow; parameters without a gradient
+        (the same on every rank) are left out."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        chunks = flat.split([g.numel() for g in grads])
+        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+
+    @torch.no_grad()
+    def map_batches(self, fn, n, batch_size, device, desc, progress=True):
+        """fn(idx) -> a tensor (len(idx), ...) for every batch of range(n), in order: (n, ...) on the CPU. What a
+        frozen model makes of every training item once (latents, tokens). Under torchrun each rank computes every
+        world-th batch and the ranks add up their shares (zeros elsewhere, so the sum is exact): every rank gets
+        all of them in 1 / world of the time."""
+        starts = range(0, n, batch_size)
+        out = None
+        for i in tqdm(starts[self.rank::self.world], desc=desc, disable=not (progress and self.is_main),
+                      dynamic_ncols=True):
+            idx = torch.arange(i, min(i + batch_size, n))
+            y = fn(idx).cpu()
+            if out is None:
+                out = torch.zeros(n, *y.shape[1:], dtype=y.dtype)
+            out[idx] = y
+        if self.world > 1:
+            like = [None if out is None else (tuple(out.shape), out.dtype)]
+            dist.broadcast_object_list(like, src=0)  # rank 0 always has the first batch; a rank with none learns
+            if out is None:                          # the shape and dtype from it
+                out = torch.zeros(*like[0][0], dtype=like[0][1])
+            out = out.to(device)
+            dist.all_reduce(out)
+            out = out.cpu()
+        return out
+
+    def mean(self, value):
+        """A logged figure (a 0-d tensor) averaged over the ranks (every rank must call it)."""
+        if self.world == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        return value
+
+    def check_replicas(self, model):
+        """At the end of a distributed run: raise if the ranks' weights differ (the optimizer steps must have been
+        the same everywhere); rank 0 prints that they agree."""
+        if self.world == 1:
+            return
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(self.world)]
+        dist.all_gather(gathered, flat)
+        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+            raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
+        if self.is_main:
+            print(f"DDP: the {self.world} replicas hold identical weights", flush=True)
+
+    def close(self):
+        cleanup_distributed()
 
 
 class EMA:

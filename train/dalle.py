@@ -14,6 +14,11 @@ Writes into train.out_dir (default runs/<config name>): ckpt.pt (kind "dalle": w
 fingerprint and path), config.yaml, tensorboard events (loss, text and image cross-entropy, lr, gradient norm,
 sample grids) and samples/step_XXXXXXX.png (train.sample_prompts, two each). `train.resume=auto` continues.
 A dVAE whose K or factor does not fit model.image_vocab / model.image_size is refused with one line.
+
+Data parallel: `torchrun --standalone --nproc_per_node N -m train.dalle --config ...` (one process per GPU, or per
+core on a CPU): each rank encodes a share of the images' tokens and trains on a share of every batch, and the ranks
+average their gradients before each step (train/common.Ranks), so the step is that of the whole batch's mean loss;
+the caption dropout is drawn per rank.
 """
 import time
 from dataclasses import dataclass, field
@@ -31,7 +36,7 @@ from models.dalle import DalleConfig, DalleTransformer, check_config as check_mo
 from models.dalle_pipeline import DalleSampling, DallePipeline, check_dvae_fits
 from models.dvae import load_dvae, token_fingerprint
 from models.tokenizer import BPETokenizer, TokenizerConfig
-from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
+from train.common import (EMA, Ranks, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
                           set_learning_rate, step_generator, training_state)
 
 
@@ -63,13 +68,11 @@ class DalleTrainConfig:
 FILLED_IN = ("model.text_vocab",)  # set here from the tokenizer
 
 
-@torch.no_grad()
-def encode_tokens(dvae, images, device, batch_size=256, progress=True):
-    """The argmax tokens (N, h, w) of every uint8 image (N, 3, H, W), once, on the CPU."""
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="dVAE tokens", disable=not progress, dynamic_ncols=True):
-        out.append(dvae.encode(images[i: i + batch_size].to(device).float() / 127.5 - 1).cpu())
-    return torch.cat(out)
+def encode_tokens(dvae, images, device, ranks, batch_size=256):
+    """The argmax tokens (N, h, w) of every uint8 image (N, 3, H, W), once, on the CPU (under torchrun each rank
+    encodes its share of the batches: Ranks.map_batches)."""
+    return ranks.map_batches(lambda idx: dvae.encode(images[idx].to(device).float() / 127.5 - 1), len(images),
+                             batch_size, device, "dVAE tokens")
 
 
 def main(argv=None):
@@ -88,24 +91,26 @@ def main(argv=None):
         raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the tokens of another dVAE than "
                          f"{cfg.dvae}; give the same dVAE or choose another train.out_dir")
     ckpt_path = out_dir / "ckpt.pt"
+    ranks = Ranks(tc.batch_size)  # torchrun: this process's share (rank 0 of 1 otherwise)
+    say = print if ranks.is_main else lambda *a, **k: None
     device = get_device(tc.device)
     seed_everything(tc.seed)
 
     # ---- data: captions tokenized once, images turned into dVAE tokens once
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, progress=ranks.is_main)
     if resumed:
         tokenizer = BPETokenizer.from_state_dict(resumed["tokenizer"])
     else:
-        tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size)
+        tokenizer = BPETokenizer.train(data.captions, cfg.tokenizer.vocab_size, progress=ranks.is_main)
     cfg.model.text_vocab = tokenizer.vocab_size
     all_ids, all_mask = tokenizer(data.captions, max_length=cfg.model.text_length, truncate=True)  # (N, T)
     cut = tokenizer.truncation_report(data.captions, cfg.model.text_length)
     if cut:
-        print(cut, flush=True)
+        say(cut, flush=True)
     dvae = dvae.to(device)
     t_enc = time.time()
-    image_tokens = encode_tokens(dvae, data.images, device).flatten(1)  # (N, h*w)
-    print(f"encoded {len(data)} images to {cfg.model.image_size}x{cfg.model.image_size} tokens in "
+    image_tokens = encode_tokens(dvae, data.images, device, ranks).flatten(1)  # (N, h*w)
+    say(f"encoded {len(data)} images to {cfg.model.image_size}x{cfg.model.image_size} tokens in "
           f"{time.time() - t_enc:.0f}s ({int(image_tokens.unique().numel())} of {cfg.model.image_vocab} codes used)",
           flush=True)
 
@@ -118,12 +123,15 @@ def main(argv=None):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas)
     start_step = resume_state(resumed, model, optimizer, ema, "DALL-E checkpoint weights")
     sample_model = ema.model if ema else model
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    writer = None
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{len(data)} images, {n_params / 1e6:.2f}M parameters, {cfg.model.text_length} text + "
-          f"{cfg.model.image_tokens} image tokens, device {device}, writing to {out_dir}", flush=True)
+    say(f"{len(data)} images, {n_params / 1e6:.2f}M parameters, {cfg.model.text_length} text + "
+        f"{cfg.model.image_tokens} image tokens, device {device}, {ranks.world} process(es), writing to {out_dir}",
+        flush=True)
 
     def checkpoint(step):
         save_checkpoint(ckpt_path, training_state("dalle", cfg, step, model, optimizer, ema,
@@ -140,11 +148,12 @@ def main(argv=None):
     # ---- the loop
     model.train()
     end = end_step(tc, start_step)
-    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="dalle", dynamic_ncols=True)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="dalle", dynamic_ncols=True,
+               disable=not ranks.is_main)
     t0 = time.time()
     for step in bar:
-        idx = batch_indices(step, tc.batch_size, len(data), tc.seed)  # (B,)
-        g = step_generator(tc.seed, step, device=device)  # the caption dropout of this step
+        idx = ranks.share(batch_indices(step, tc.batch_size, len(data), tc.seed))  # (B / world,)
+        g = step_generator(tc.seed, step, ranks.rank, device)  # the caption dropout of this step
         text = model.text_ids(all_ids[idx].to(device), all_mask[idx].to(device))  # (B, T), pads per position
         drop = torch.rand(len(idx), generator=g, device=device) < tc.cond_drop_prob  # (B,)
         text = torch.where(drop[:, None], model.null_text(len(idx), device), text)
@@ -154,6 +163,7 @@ def main(argv=None):
             loss, text_ce, image_ce = model.loss(text, image)  # Sec. 2.2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.average_gradients(model)  # torchrun: the gradient of the global batch's mean loss on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
         optimizer.step()
         if ema:
@@ -161,6 +171,8 @@ def main(argv=None):
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
+            loss, text_ce, image_ce = (ranks.mean(v) for v in (loss, text_ce, image_ce))  # every rank: all-reduce
+        if ranks.is_main and (done % tc.log_every == 0 or done == tc.steps):
             lr = optimizer.param_groups[0]["lr"]
             for k, v in (("loss", loss.item()), ("text_ce", text_ce.item()), ("image_ce", image_ce.item()),
                          ("lr", lr), ("grad_norm", grad_norm.item())):
@@ -168,13 +180,18 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             tqdm.write(f"step {done} | loss {loss.item():.4f} | text {text_ce.item():.4f} | image {image_ce.item():.4f}"
                        f" | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {time.time() - t0:.0f}s")
-        if done % tc.ckpt_every == 0 or done in (tc.steps, end):
+        if ranks.is_main and (done % tc.ckpt_every == 0 or done in (tc.steps, end)):
             checkpoint(done)
-        if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
+        if ranks.is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             sample_grid(done)
+    ranks.check_replicas(model)
+    if not ranks.is_main:
+        ranks.close()
+        return
     writer.close()
     print(f"saved {ckpt_path} at step {end} of {tc.steps} ({time.time() - t0:.0f}s of training this run); final "
           f"text loss {text_ce.item():.4f}, image loss {image_ce.item():.4f}", flush=True)
+    ranks.close()
 
 
 if __name__ == "__main__":

@@ -45,15 +45,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
 from core.config import config_to_dict, format_config, parse_config
 from core.images import image_grid
-from core.runtime import autocast, cleanup_distributed, get_device, run_cli, seed_everything, setup_distributed
+from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from data.crops import CropSource
 from models.conditioning import Conditioning
@@ -65,8 +63,8 @@ from models.unet import upsample
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from models.unet import UNetConfig
-from train.common import (EMA, TrainConfig, batch_indices, check_train_config, end_step, log_grid, memory_format,
-                          open_run, resume_state, set_learning_rate, step_generator, training_state)
+from train.common import (EMA, Ranks, TrainConfig, batch_indices, check_train_config, end_step, log_grid,
+                          memory_format, open_run, resume_state, set_learning_rate, step_generator, training_state)
 
 
 @dataclass
@@ -203,31 +201,14 @@ def check_latent_config(cfg, vae_cfg):
                          f"must equal the VAE's latent_channels ({ch}); set both to {ch}")
 
 
-@torch.no_grad()
-def encode_latents(vae, data, device, batch_size=256, progress=True, world=1, rank=0):
-    """The VAE posterior of every image, once: mean and std (N, c, h, w) on the CPU. Under DDP (world > 1) each rank
-    encodes every world-th batch and the ranks add up their shares (zeros elsewhere, so the sum is exact): every rank
-    gets all of them in 1 / world of the time."""
-    starts = range(0, len(data), batch_size)
-    mean = std = None
-    for i in tqdm(starts[rank::world], desc="encoding latents", disable=not progress, dynamic_ncols=True):
-        idx = torch.arange(i, min(i + batch_size, len(data)))
+def encode_latents(vae, data, device, ranks, batch_size=256, progress=True):
+    """The VAE posterior of every image, once: mean and std (N, c, h, w) on the CPU (under torchrun each rank
+    encodes its share of the batches: Ranks.map_batches)."""
+    def encode(idx):
         posterior = vae.encode(data.batch(idx)[0].to(device))
-        if mean is None:
-            mean = torch.zeros(len(data), *posterior.mean.shape[1:])
-            std = torch.zeros_like(mean)
-        mean[idx] = posterior.mean.float().cpu()
-        std[idx] = posterior.std.float().cpu()
-    if world > 1:
-        shape = [0, 0, 0, 0] if mean is None else list(mean.shape)  # a rank without a batch learns the shape
-        shape = torch.tensor(shape, device=device)
-        dist.all_reduce(shape, op=dist.ReduceOp.MAX)
-        if mean is None:
-            mean, std = torch.zeros(*shape.tolist()), torch.zeros(*shape.tolist())
-        both = torch.stack([mean, std]).to(device)  # (2, N, c, h, w)
-        dist.all_reduce(both)
-        mean, std = both.cpu().unbind(0)
-    return mean, std
+        return torch.stack([posterior.mean.float(), posterior.std.float()], 1)  # (b, 2, c, h, w)
+
+    return ranks.map_batches(encode, len(data), batch_size, device, "encoding latents", progress).unbind(1)
 
 
 def main(argv=None):
@@ -256,11 +237,9 @@ def main(argv=None):
         raise ValueError(f"cannot resume: {out_dir / 'ckpt.pt'} was trained on the latents of another VAE than "
                          f"{cfg.vae}; give the same VAE or choose another train.out_dir")
     ckpt_path = out_dir / "ckpt.pt"
-    rank, world = setup_distributed()
-    is_main = rank == 0
+    ranks = Ranks(tc.batch_size)  # torchrun: this process's share (rank 0 of 1 otherwise)
+    rank, world, is_main = ranks.rank, ranks.world, ranks.is_main
     device = get_device(tc.device)
-    if tc.batch_size % world:
-        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by the {world} DDP ranks")
     seed_everything(tc.seed)
 
     # ---- data: images in memory, captions tokenized once
@@ -277,7 +256,7 @@ def main(argv=None):
         print(cut, flush=True)
     if vae is not None:
         vae = vae.to(device)
-        latent_mean, latent_std = encode_latents(vae, data, device, progress=is_main, world=world, rank=rank)
+        latent_mean, latent_std = encode_latents(vae, data, device, ranks)
         if is_main:
             print(f"encoded {len(data)} images to {tuple(latent_mean.shape[1:])} latents; scale factor "
                   f"{scale_factor:.4f} (scaled latent std {(latent_mean * scale_factor).std():.3f})", flush=True)
@@ -299,7 +278,7 @@ def main(argv=None):
     if frozen:  # the frozen encoder's outputs for the training captions, computed once
         n_cached = model.text_encoder.cache_outputs(all_ids, all_mask)
         print(f"cached the frozen text encoder's outputs for {n_cached} distinct captions", flush=True)
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    ddp_model = ranks.wrap(model)
     schedule = NoiseSchedule(cfg.schedule).to(device)
     aug_schedule = NoiseSchedule(cfg.aug_schedule).to(device) if cfg.low_res else None
     n_params = sum(p.numel() for p in model.parameters())
@@ -349,7 +328,7 @@ def main(argv=None):
                desc="diffusion", dynamic_ncols=True)
     t0 = time.time()
     for step in bar:
-        idx = batch_indices(step, tc.batch_size, len(data), tc.seed)[rank::world]  # (B/world,)
+        idx = ranks.share(batch_indices(step, tc.batch_size, len(data), tc.seed))  # (B/world,)
         ids, mask = all_ids[idx].to(device), all_mask[idx].to(device)  # (b, L)
         # noise, timesteps and conditioning dropout are drawn from a generator seeded by (seed, step, rank),
         # so the run is a function of its seed, whatever the resumption points
@@ -393,9 +372,7 @@ def main(argv=None):
             ema.update(model)
 
         done = step + 1
-        if world > 1:  # the logged loss is the mean over ranks
-            loss = loss.detach().clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss = ranks.mean(loss)  # the logged loss: the mean over ranks
         if is_main and (done % tc.log_every == 0 or done == tc.steps):
             lr = optimizer.param_groups[0]["lr"]
             writer.add_scalar("train/loss", loss.item(), done)
@@ -409,18 +386,11 @@ def main(argv=None):
         if is_main and ((tc.sample_every and done % tc.sample_every == 0) or done == tc.steps):
             sample_grid(done)
             model.train()
-    if world > 1:  # DDP keeps the replicas identical; check it rather than trust it
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
-            raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
-        if is_main:
-            print(f"DDP: the {world} replicas hold identical weights", flush=True)
+    ranks.check_replicas(model)  # DDP keeps the replicas identical; check it rather than trust it
     if is_main:
         writer.close()
         print(f"saved {ckpt_path} at step {end} of {tc.steps} ({time.time() - t0:.0f}s this run)", flush=True)
-    cleanup_distributed()
+    ranks.close()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ length (configs/shapes/dvae.yaml says what was measured).
 The last train.decoder_share of the steps (0 = none, the paper) train the decoder alone on the encoder's argmax codes,
     L = -log p_logit-Laplace(x | D(one_hot(argmax q(z | x)))) / pixels,   the encoder frozen,
 so that it is trained on the hard codes the transformer's tokens give it at sampling time.
+
+Data parallel: `torchrun --standalone --nproc_per_node N -m train.dvae --config ...` (one process per GPU, or per
+core on a CPU) gives each rank its share of the batch and averages the ranks' gradients before every step
+(train/common.Ranks). The gumbel noise is drawn per rank, and the diversity term is over each rank's share of the
+batch (a term over the whole batch would need an all-reduce inside the loss), so the run depends on the number of
+ranks as well as the seed.
 """
 import dataclasses
 import time
@@ -38,7 +44,7 @@ from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
 from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule
-from train.common import (EMA, TrainConfig, batch_indices, end_step, log_grid, memory_format, open_run,
+from train.common import (EMA, Ranks, TrainConfig, batch_indices, end_step, log_grid, memory_format, open_run,
                           resume_state, step_generator, stopped_early, training_state, warmup_cosine)
 
 
@@ -132,6 +138,14 @@ def to_float(images_uint8, device):
     return images_uint8.to(device).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
 
 
+def encode_codes(model, images, device, layout, ranks, batch_size=256):
+    """The encoder's argmax codes (N, h, w) of every training image (uint8), on the CPU: what the decoder phase
+    decodes, computed once since the encoder no longer changes (each step then runs the decoder alone: 0.75x of a
+    step that encodes its batch; under torchrun each rank encodes its share, Ranks.map_batches)."""
+    return ranks.map_batches(lambda idx: model.encode(layout(to_float(images[idx], device))), len(images), batch_size,
+                             device, "dVAE codes")
+
+
 @torch.no_grad()
 def evaluate(model, images, device, batch_size=250):
     """Held-out PSNR of decode(argmax tokens) ([0, 1] range, mean over images) and (perplexity, codes used) of
@@ -165,11 +179,12 @@ def main(argv=None):
                              f"{joint} steps); resume with the train.steps and train.decoder_share it was trained "
                              f"with (nothing was overwritten)")
     ckpt_path = out_dir / "ckpt.pt"
+    ranks = Ranks(tc.batch_size)  # torchrun: this process's share (rank 0 of 1 otherwise)
     device = get_device(tc.device)
     seed_everything(tc.seed)
 
     # ---- data: training images in memory; held-out images rendered with another seed (or split off)
-    images = load_data(cfg.data).images  # (N, 3, H, W) uint8
+    images = load_data(cfg.data, progress=ranks.is_main).images  # (N, 3, H, W) uint8
     if cfg.data.dataset == "shapes":
         eval_images = load_data(dataclasses.replace(cfg.data, seed=tc.eval_seed, num_images=tc.eval_images),
                                 progress=False).images
@@ -192,13 +207,16 @@ def main(argv=None):
     start_step = resume_state(resumed, model, optimizer, ema, "dVAE checkpoint weights")
     eval_model = ema.model if ema else model
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
     f, K = cfg.dvae.factor, cfg.dvae.vocab_size
     h = cfg.data.resolution // f
-    print(f"{N} training images, {len(eval_images)} held-out, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, factor {f} ({h}x{h} tokens of K {K}), device {device}, writing to {out_dir}", flush=True)
+    writer = None
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(format_config(cfg) + "\n")
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        print(f"{N} training images, {len(eval_images)} held-out, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, factor {f} ({h}x{h} tokens of "
+              f"K {K}), device {device}, {ranks.world} process(es), writing to {out_dir}", flush=True)
 
     def checkpoint(step, **extra):
         save_checkpoint(ckpt_path, training_state("dvae", cfg, step, model, optimizer, ema, **extra))
@@ -215,11 +233,14 @@ def main(argv=None):
     # ---- the loop
     model.train()
     end = end_step(tc, start_step)
-    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="dvae", dynamic_ncols=True)
+    bar = tqdm(range(start_step, end), initial=start_step, total=tc.steps, desc="dvae", dynamic_ncols=True,
+               disable=not ranks.is_main)
     t0 = time.time()
+    codes = None
     for step in bar:
-        x = layout(to_float(images[batch_indices(step, tc.batch_size, N, tc.seed)], device))  # (B, 3, H, W)
-        g = step_generator(tc.seed, step, device=device)  # the gumbel noise of this step
+        idx = ranks.share(batch_indices(step, tc.batch_size, N, tc.seed))  # (B / world,)
+        x = layout(to_float(images[idx], device))  # (b, 3, H, W)
+        g = step_generator(tc.seed, step, ranks.rank, device)  # the gumbel noise of this step, on this rank
         tau = cosine_schedule(step, lc.tau_steps, lc.tau_start, lc.tau_end)    # App. A.2
         beta = cosine_schedule(step, lc.kl_warmup_steps, 0.0, lc.kl_weight)   # App. A.2
         diversity = (cosine_schedule(step, lc.diversity_steps, lc.diversity_weight, 0.0) if lc.diversity_steps
@@ -227,23 +248,26 @@ def main(argv=None):
         decoder_phase = step >= joint
         if step == joint:  # the decoder phase starts with fresh moments (measured: continuing the joint
             optimizer = make_optimizer(model, tc, decoder_phase=True)  # phase's moments gained no shape; dvae.yaml)
+        if decoder_phase and codes is None:  # the frozen encoder's codes of every training image, once
+            codes = encode_codes(model, images, device, layout, ranks)  # (N, h, w)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(tc, step)
         with autocast(device, tc.bf16):
             if decoder_phase:  # -log p(x | D(argmax codes)) per pixel; the encoder's parameters get no gradient
-                loss, parts = model.decoder_loss(x)
+                loss, parts = model.decoder_loss(x, codes[idx].to(device))
             else:  # -ELB (Eq. 1) per pixel
                 loss, parts = model(x, tau, beta, hard=lc.hard, generator=g, diversity=diversity)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ranks.average_gradients(model)  # torchrun: every rank steps with the mean of the ranks' gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e9)
         optimizer.step()
         if ema:
             ema.update(model)
 
         done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            batch_ppl, batch_used = codebook_usage(parts["logits"].argmax(1), K)
+        if ranks.is_main and (done % tc.log_every == 0 or done == tc.steps):  # rank 0's share of the batch
+            batch_ppl, batch_used = codebook_usage(parts["tokens"] if decoder_phase else parts["logits"].argmax(1), K)
             mse = ((parts["rec"].detach() - x) / 2).pow(2).mean().item()
             scalars = {"loss": loss.item(), "nll": parts["nll"].item(), "batch_perplexity": batch_ppl,
                        "batch_codes_used": batch_used, "lr": optimizer.param_groups[0]["lr"],
@@ -260,11 +284,15 @@ def main(argv=None):
             tqdm.write(f"step {done} | loss {loss.item():.4f} | nll {parts['nll'].item():.4f} | {phase} "
                        f"{10 * np.log10(1 / max(mse, 1e-10)):.2f} | batch codes {batch_used} (ppl {batch_ppl:.1f}) | "
                        f"{time.time() - t0:.0f}s")
-        if (tc.image_every and done % tc.image_every == 0) or done == tc.steps:
+        if ranks.is_main and ((tc.image_every and done % tc.image_every == 0) or done == tc.steps):
             reconstruction_grid(done)
-        if done % tc.ckpt_every == 0 or done == end:
+        if ranks.is_main and (done % tc.ckpt_every == 0 or done == end):
             checkpoint(done)
     train_time = time.time() - t0
+    ranks.check_replicas(model)
+    ranks.close()
+    if not ranks.is_main:
+        return
 
     if stopped_early(writer, ckpt_path, end, tc, train_time):
         return
