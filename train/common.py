@@ -211,8 +211,8 @@ class Ranks:
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
         flat /= self.world
-        chunks = flat.split([g.numel() for g in grads])
-        torch._foreach_copy_(grads, [c.view_as(g) for c, g in zip(chunks, grads)])
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
 
     @torch.no_grad()
     def map_batches(self, fn, n, batch_size, device, desc, progress=True):

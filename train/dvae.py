@@ -140,8 +140,8 @@ def to_float(images_uint8, device):
 
 def encode_codes(model, images, device, layout, ranks, batch_size=256):
     """The encoder's argmax codes (N, h, w) of every training image (uint8), on the CPU: what the decoder phase
-    decodes, computed once since the encoder no longer changes (each step then runs the decoder alone: 0.75x of a
-    step that encodes its batch; under torchrun each rank encodes its share, Ranks.map_batches)."""
+    decodes, computed once since the encoder no longer changes, so that each step runs the decoder alone (under
+    torchrun each rank encodes its share, Ranks.map_batches)."""
     return ranks.map_batches(lambda idx: model.encode(layout(to_float(images[idx], device))), len(images), batch_size,
                              device, "dVAE codes")
 
