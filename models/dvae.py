@@ -172,13 +172,20 @@ def diversity_penalty(logits, dim=1):
     return (q_bar * (q_bar.clamp_min(1e-12).log() + math.log(q_bar.numel()))).sum()
 
 
+def gumbel_noise(like, generator=None):
+    """Standard Gumbel noise g = -log(-log U), U ~ Uniform(0, 1), of like's shape, dtype and device, drawn in
+    logical (B, K, h, w) order whatever like's memory order (train.channels_last). Through U rather than
+    F.gumbel_softmax's -log(Exp(1)): the same distribution, but the CPU draws uniforms ~7x faster than exponentials
+    (3 against 21 ms for a batch of 32 x 512 x 8 x 8 on two threads; 8% of a dVAE step at the tiny preset)."""
+    u = torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    return -(-u.clamp_min(torch.finfo(like.dtype).tiny).log()).log()  # (like's shape); U = 0 clamped: finite
+
+
 def gumbel_softmax(logits, tau, hard=False, dim=1, generator=None):
     """A sample of the gumbel-softmax relaxation (Jang et al. 2016, Eq. 1): softmax((logits + g) / tau) with
-    g = -log(-log U) = -log(Exp(1)). hard: the one-hot of its argmax forward, the soft gradient backward
-    (straight-through). Draws from `generator` (torch.manual_seed alone gives F.gumbel_softmax's draws)."""
-    # drawn in (B, K, h, w) order whatever the logits' memory order (train.channels_last), as F.gumbel_softmax does
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
-        generator=generator).log()  # Gumbel(0, 1)
+    g ~ Gumbel(0, 1) (gumbel_noise). hard: the one-hot of its argmax forward, the soft gradient backward
+    (straight-through)."""
+    gumbels = gumbel_noise(logits, generator)
     y = ((logits + gumbels) / tau).softmax(dim)
     if not hard:
         return y

@@ -1,6 +1,7 @@
 """Tests for train/dalle.py, models/dalle_pipeline.py and `python -m sample --pipeline dalle`: a smoke run of the
 dVAE, the transformer and a re-ranking CLIP at 16 px, the sampling CLI's outputs and seeds, re-ranking that keeps
 the CLIP's best, and the bad-input contract (one line, exit code 2, nothing overwritten)."""
+import dataclasses
 import json
 
 import pytest
@@ -8,14 +9,18 @@ import torch
 
 import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import config_from_dict
+from data.dataset import DataConfig, load_data
 from models.dalle import sample_image_tokens
 from models.dalle_pipeline import clip_scores, load_dalle_pipeline, rerank
+from models.dvae import load_dvae, token_fingerprint
 from tests.test_clip import CLIP_TINY
 from tests.test_dvae import TINY as DVAE_TINY
 from tests.test_train_diffusion import cli_error
 from train import clip as train_clip
 from train import dalle as train_dalle
 from train import dvae as train_dvae
+from train.dvae import TOKENS_FILE, load_train_tokens
 
 DALLE_TINY = ["model.image_size=8", "model.image_vocab=32", "model.width=32", "model.layers=2", "model.heads=2",
               "model.attention=[row,column]", "data.resolution=16", "data.num_images=64", "tokenizer.vocab_size=300",
@@ -78,6 +83,31 @@ def test_reranking_keeps_the_clips_best(runs):
     assert rerank(torch.tensor([0.1, 0.9, 0.5, 0.7]), 2).tolist() == [1, 3]
     with pytest.raises(ValueError, match=r"cannot keep the best 5 of 4 candidates.*N >= k"):
         rerank(torch.zeros(4), 5)
+
+
+def test_the_transformer_takes_the_codes_the_dvae_kept_of_the_same_images(runs, tmp_path, capsys):
+    dvae, _ = load_dvae(runs / "dvae" / "ckpt.pt")
+    kept = load_checkpoint(runs / "dvae" / TOKENS_FILE, "dvae_tokens")
+    data_cfg = config_from_dict(DataConfig, kept["data"])
+    images = load_data(data_cfg, progress=False).images
+    # the decoder phase's codes (channels_last encoder) are the loaded encoder's argmax tokens of the training images
+    assert torch.equal(kept["tokens"].long(), dvae.encode(images.float() / 127.5 - 1))
+    fingerprint = token_fingerprint(dvae)
+    assert torch.equal(load_train_tokens(runs / "dvae" / "ckpt.pt", fingerprint, data_cfg, len(images)),
+                       kept["tokens"].long())
+    # other images, another number of them, another encoder: not taken
+    assert load_train_tokens(runs / "dvae" / "ckpt.pt", fingerprint, data_cfg, len(images) - 1) is None
+    assert load_train_tokens(runs / "dvae" / "ckpt.pt", fingerprint,
+                             dataclasses.replace(data_cfg, seed=data_cfg.seed + 1), len(images)) is None
+    other = {**fingerprint, "encoder_sha256": "0" * 64}
+    assert load_train_tokens(runs / "dvae" / "ckpt.pt", other, data_cfg, len(images)) is None
+    # train.dalle says which it did
+    argv = ["--config", "configs/shapes/dalle.yaml", f"dvae={runs / 'dvae' / 'ckpt.pt'}", "train.steps=1",
+            *DALLE_TINY]
+    train_dalle.main(argv + [f"train.out_dir={tmp_path / 'a'}"])
+    assert f"took the dVAE's codes of the {len(images)} images" in capsys.readouterr().out
+    train_dalle.main(argv + [f"train.out_dir={tmp_path / 'b'}", "data.num_images=48"])
+    assert "encoded 48 images" in capsys.readouterr().out
 
 
 def test_the_transformer_keeps_a_dvae_whose_decoder_changed_and_refuses_one_whose_encoder_did(runs, tmp_path):

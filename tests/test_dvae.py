@@ -11,8 +11,8 @@ from torch.distributions import Categorical, Laplace, TransformedDistribution, k
 from torch.distributions.transforms import SigmoidTransform
 
 from core.checkpoint import load_checkpoint
-from models.dvae import (DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule, gumbel_softmax, kl_to_uniform,
-                         load_dvae, logit_laplace_log_prob, map_pixels, unmap_pixels)
+from models.dvae import (DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule, gumbel_noise, gumbel_softmax,
+                         kl_to_uniform, load_dvae, logit_laplace_log_prob, map_pixels, unmap_pixels)
 from tests.test_train_diffusion import cli_error
 from train import dvae as train_dvae
 from train.common import warmup_cosine
@@ -91,11 +91,23 @@ def test_gumbel_softmax_identities():
     logits = torch.randn(6, 10, 3, 3, generator=g, requires_grad=True)
     y = gumbel_softmax(logits, tau=0.7, generator=g)
     torch.testing.assert_close(y.sum(1), torch.ones(6, 3, 3))
-    # the same draw as torch's F.gumbel_softmax under the same seed
-    torch.manual_seed(3)
-    ours = gumbel_softmax(logits, 0.5, dim=1)
-    torch.manual_seed(3)
-    torch.testing.assert_close(ours, F.gumbel_softmax(logits, tau=0.5, dim=1))
+    # the Gumbel-max trick: the argmax of logits + g is a draw from softmax(logits), as F.gumbel_softmax's
+    n = 200_000
+    row = torch.tensor([1.5, 0.0, -1.0, 0.7, -3.0])
+    probs = row.softmax(0)
+    for draw in (lambda x: gumbel_softmax(x, 1.0, hard=True, generator=torch.Generator().manual_seed(5)),
+                 lambda x: F.gumbel_softmax(x, tau=1.0, hard=True)):
+        freq = draw(row.expand(n, 5).clone()).argmax(1).bincount(minlength=5) / n
+        assert ((freq - probs).abs() < 5 * (probs * (1 - probs) / n).sqrt()).all(), (freq, probs)
+    # Gumbel(0, 1) moments: mean the Euler-Mascheroni constant, variance pi^2 / 6; finite at every draw
+    noise = gumbel_noise(torch.empty(n, 4), torch.Generator().manual_seed(6))
+    assert torch.isfinite(noise).all()
+    assert abs(noise.mean().item() - 0.5772157) < 5 * math.sqrt(math.pi ** 2 / 6 / noise.numel())
+    assert abs(noise.var().item() - math.pi ** 2 / 6) < 0.02
+    # drawn in logical order: a channels_last tensor gets the same noise at the same (b, k, i, j)
+    nhwc = torch.empty(2, 6, 3, 3).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(gumbel_noise(nhwc, torch.Generator().manual_seed(7)),
+                               gumbel_noise(torch.empty(2, 6, 3, 3), torch.Generator().manual_seed(7)))
     # hard: one-hot forward, the soft sample's gradient backward
     w = torch.randn(6, 10, 3, 3, generator=g)
     hard = gumbel_softmax(logits, 0.5, hard=True, generator=torch.Generator().manual_seed(4))

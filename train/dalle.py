@@ -6,8 +6,9 @@ Paper: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation", arXiv 2102.1209
     python -m train.dalle --config configs/shapes/dalle.yaml          # 16 text + 64 image tokens, K 512
 
 Every training image is turned into its dVAE tokens once, at start (the argmax of the encoder's logits; kept in
-memory as the latent U-Net keeps its latents), and the BPE tokenizer is trained on the captions (or taken from
-the checkpoint when resuming). Loss per step (Sec. 2.2): text_loss_weight * CE(text) + (1 - it) * CE(image), the
+memory as the latent U-Net keeps its latents; taken from the dVAE's train_tokens.pt when its decoder phase left the
+codes of these very images, from this very encoder, there), and the BPE tokenizer is trained on the captions (or
+taken from the checkpoint when resuming). Loss per step (Sec. 2.2): text_loss_weight * CE(text) + (1 - it) * CE(image), the
 caption of a fraction train.cond_drop_prob of the rows replaced by the null caption (classifier-free guidance).
 
 Writes into train.out_dir (default runs/<config name>): ckpt.pt (kind "dalle": weights, EMA, tokenizer, the dVAE's
@@ -38,6 +39,7 @@ from models.dvae import load_dvae, token_fingerprint
 from models.tokenizer import BPETokenizer, TokenizerConfig
 from train.common import (EMA, Ranks, TrainConfig, batch_indices, end_step, log_grid, open_run, resume_state,
                           set_learning_rate, step_generator, training_state)
+from train.dvae import TOKENS_FILE, load_train_tokens
 
 
 @dataclass
@@ -109,10 +111,14 @@ def main(argv=None):
         say(cut, flush=True)
     dvae = dvae.to(device)
     t_enc = time.time()
-    image_tokens = encode_tokens(dvae, data.images, device, ranks).flatten(1)  # (N, h*w)
-    say(f"encoded {len(data)} images to {cfg.model.image_size}x{cfg.model.image_size} tokens in "
-          f"{time.time() - t_enc:.0f}s ({int(image_tokens.unique().numel())} of {cfg.model.image_vocab} codes used)",
-          flush=True)
+    image_tokens = load_train_tokens(cfg.dvae, fingerprint, cfg.data, len(data))  # the dVAE's own, if it kept them
+    how = f"took the dVAE's codes of the {len(data)} images ({TOKENS_FILE} beside {cfg.dvae}):"
+    if image_tokens is None:
+        image_tokens = encode_tokens(dvae, data.images, device, ranks)
+        how = f"encoded {len(data)} images in {time.time() - t_enc:.0f}s:"
+    image_tokens = image_tokens.flatten(1)  # (N, h*w)
+    say(f"{how} {cfg.model.image_size}x{cfg.model.image_size} tokens, {int(image_tokens.unique().numel())} of "
+        f"{cfg.model.image_vocab} codes used", flush=True)
 
     # ---- model, optimizer, EMA
     model = DalleTransformer(cfg.model).to(device)

@@ -7,7 +7,9 @@ Paper: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation", arXiv 2102.1209
 Writes into train.out_dir (default runs/<config name>): ckpt.pt (kind "dvae"; atomic, every train.ckpt_every steps
 and at the end), config.yaml, tensorboard events (loss, nll, KL, beta, tau, codebook perplexity of the batch,
 learning rate, reconstruction grids) and reconstructions/step_XXXXXXX.png (held-out originals above the
-reconstructions from their argmax tokens). `train.resume=auto` continues out_dir/ckpt.pt.
+reconstructions from their argmax tokens), and, after a decoder phase, train_tokens.pt (the codes of the training
+images that phase decoded; train.dalle takes them instead of encoding the images again). `train.resume=auto`
+continues out_dir/ckpt.pt.
 At the end it prints, and stores in ckpt.pt (`psnr`, `perplexity`, `codes_used`), the reconstruction PSNR of
 held-out images decoded from their argmax tokens and the codebook usage over those tokens: the perplexity
 exp(H) of the token histogram and the number of codes used.
@@ -32,18 +34,19 @@ ranks as well as the seed.
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from core.checkpoint import save_checkpoint
-from core.config import format_config, parse_config
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.config import config_to_dict, format_config, parse_config
 from core.images import image_grid
 from core.runtime import autocast, get_device, run_cli, seed_everything
 from data.dataset import DataConfig, load_data
-from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule
+from models.dvae import DiscreteVAE, DVAEConfig, codebook_usage, cosine_schedule, token_fingerprint
 from train.common import (EMA, Ranks, TrainConfig, batch_indices, end_step, log_grid, memory_format, open_run,
                           resume_state, step_generator, stopped_early, training_state, warmup_cosine)
 
@@ -144,6 +147,31 @@ def encode_codes(model, images, device, layout, ranks, batch_size=256):
     torchrun each rank encodes its share, Ranks.map_batches)."""
     return ranks.map_batches(lambda idx: model.encode(layout(to_float(images[idx], device))), len(images), batch_size,
                              device, "dVAE codes")
+
+
+TOKENS_FILE = "train_tokens.pt"  # beside the dVAE's ckpt.pt: its codes of the training images (train/dalle.py reads)
+
+
+def save_train_tokens(out_dir, model, data_cfg, codes):
+    """Keep the decoder phase's codes (N, h, w) of the training images beside the checkpoint, atomically, with what
+    they depend on: the encoder that computed them (token_fingerprint) and the data config. train.dalle takes them
+    instead of encoding the same images again (35 s at the tiny preset)."""
+    dtype = torch.int16 if model.cfg.vocab_size <= torch.iinfo(torch.int16).max else torch.int32
+    save_checkpoint(Path(out_dir) / TOKENS_FILE, {"kind": "dvae_tokens", "dvae": token_fingerprint(model),
+                                                  "data": config_to_dict(data_cfg), "tokens": codes.to(dtype)})
+
+
+def load_train_tokens(dvae_path, fingerprint, data_cfg, n):
+    """The codes (n, h, w) that save_train_tokens kept beside the dVAE checkpoint dvae_path, or None where there are
+    none or they belong to another encoder (fingerprint: token_fingerprint of the dVAE loaded from dvae_path), other
+    data or another number of images."""
+    path = Path(dvae_path).parent / TOKENS_FILE
+    if not path.is_file():
+        return None
+    kept = load_checkpoint(path, "dvae_tokens")
+    if kept["dvae"] != fingerprint or kept["data"] != config_to_dict(data_cfg) or len(kept["tokens"]) != n:
+        return None
+    return kept["tokens"].long()
 
 
 @torch.no_grad()
@@ -301,6 +329,8 @@ def main(argv=None):
     eval_model.eval()
     value, perplexity, used = evaluate(eval_model, eval_images, device)
     checkpoint(tc.steps, psnr=value, perplexity=perplexity, codes_used=used)
+    if codes is not None:  # the decoder phase's codes, from this run's (frozen) encoder
+        save_train_tokens(out_dir, model, cfg.data, codes)
     for k, v in (("psnr", value), ("perplexity", perplexity), ("codes_used", used)):
         writer.add_scalar(f"eval/{k}", v, tc.steps)
     writer.close()
