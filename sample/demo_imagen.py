@@ -10,6 +10,7 @@ Stages (each a training script of its own, in this order; sample/demo.py runs th
     base      python -m train.diffusion --config configs/shapes/imagen_base.yaml     16 px, text-conditional
     SR 16-32  python -m train.diffusion --config configs/shapes/imagen_sr1.yaml      noise-conditioning augmentation
     SR 32-64  python -m train.diffusion --config configs/shapes/imagen_sr2.yaml      crops, no self-attention
+The three U-Nets train as one process per core on a CPU machine (Stage.ddp, as the latent U-Net; --sequential: one).
 Sampling: the cascade of configs/shapes/pipeline_imagen.yaml (its per-stage steps, guidance and augmentation
 levels; the demo's --steps and --guidance are not passed, they would set every stage alike; --smoke passes --steps),
 with the checkpoints of this runs folder (written to runs/demo/imagen/pipeline_imagen.yaml). Prompt accuracy is
@@ -40,7 +41,7 @@ def stages(runs, smoke):
     for title, key in (("base 16px", "base"), ("SR 16->32", "sr1"), ("SR 32->64", "sr2")):
         out.append(Stage(title, train.diffusion, CONFIGS / f"{NAMES[key]}.yaml", runs / NAMES[key] / "ckpt.pt",
                          "diffusion", train.diffusion.DiffusionConfig,
-                         [f"text_encoder=lm:{lm}", *(SMOKE if smoke else [])], FILLED_IN))
+                         [f"text_encoder=lm:{lm}", *(SMOKE if smoke else [])], FILLED_IN, ddp=True))
     return out
 
 
