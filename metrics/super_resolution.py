@@ -68,8 +68,8 @@ def scores(sr, truth, low, low_res):
 
 
 @torch.no_grad()
-def evaluate(ckpt, n=200, steps=25, guidance=3.0, aug_level=0.0, base=None, features=None, batch_size=50, seed=7,
-             device="cpu", progress=True):
+def evaluate(ckpt, n=200, steps=25, guidance=1.0, aug_level=0.0, base=None, features=None, batch_size=50, seed=7,
+             device="cpu", progress=True, base_guidance=2.0):
     """The figures of the module docstring, as a dict {"sr": {...}, "bicubic": {...}, ("fid_compounding")}."""
     stage = load_stage(ckpt, device)
     if stage.low_res == 0:
@@ -91,7 +91,7 @@ def evaluate(ckpt, n=200, steps=25, guidance=3.0, aug_level=0.0, base=None, feat
                                  progress=progress, desc=f"SR of renders {i + len(idx)}/{n}").cpu())
         truth.append(x.cpu())
         if base_stage is not None:
-            low = base_stage.pipe(captions, base_stage.pipe.settings_with(steps=steps, guidance=guidance), g,
+            low = base_stage.pipe(captions, base_stage.pipe.settings_with(guidance=base_guidance), g,
                                   truncate=True, progress=progress, desc="base").clamp(-1, 1)
             bases_sr.append(super_resolve(stage, captions, low, settings, aug_level, g, truncate=True,
                                           progress=progress, desc="SR of base samples").cpu())
@@ -137,14 +137,16 @@ def main(argv=None):
     p.add_argument("--features", default="runs/shapes_classifier/ckpt.pt", help="feature network of the FID")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="the stage's guidance scale (1 = unguided, as configs/shapes/pipeline_imagen.yaml samples it)")
+    p.add_argument("--base-guidance", type=float, default=2.0, help="with --base: the base's guidance scale")
     p.add_argument("--aug-level", type=float, default=0.0, help="noise-conditioning augmentation level in [0, 1]")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.n < 2 or args.steps < 1:
         raise ValueError("--n must be at least 2 and --steps at least 1")
     out = evaluate(args.ckpt, args.n, args.steps, args.guidance, args.aug_level, args.base, args.features,
-                   device=get_device(args.device))
+                   device=get_device(args.device), base_guidance=args.base_guidance)
     print("\n".join(report_lines(out)))
     return out
 

@@ -138,7 +138,8 @@ class ImagenPipelineConfig:
     guidance: tuple = (3.0, 3.0, 3.0)        # classifier-free guidance scale of each stage
     aug_levels: tuple = (0.0, 0.0)           # noise-conditioning augmentation level of sr1's and sr2's input, in [0, 1]
     dynamic_threshold: bool = True           # Imagen Sec. 2.3: dynamic thresholding (p = 99.5%) in every stage but
-                                             # a residual one (low_res_residual), whose samples are not images
+                                             # a residual one (low_res_residual), whose samples are not images;
+                                             # false: each stage's own sampler settings (its config's sampler.*)
     device: str = "auto"                     # auto | cpu | cuda | cuda:N | mps
 
 

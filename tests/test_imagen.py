@@ -181,6 +181,11 @@ def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tm
     base = load_stage(stage(tmp_path, "base", "imagen_base", "unet.attention_resolutions=[8]"))
     settings = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3))).settings
     assert settings.stages[0].thresholding and not settings.stages[1].thresholding
+    # dynamic_threshold: false (configs/shapes/pipeline_imagen.yaml) leaves each stage its own sampler: the shipped
+    # base clips x0 statically (dynamic thresholding greys its flat colours at guidance 2, docs/results.md)
+    own = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
+                                                          dynamic_threshold=False)).settings
+    assert own.stages[0].clip_sample and not own.stages[0].thresholding and not own.stages[1].thresholding
 
 
 def test_presets_choose_stages_and_the_same_seed_gives_the_same_pixels(cascade):

@@ -121,13 +121,16 @@ def test_ddpm_and_ddim_both_run(trained, tmp_path):
         assert (tmp_path / f"{sampler}.png").is_file()
 
 
-@pytest.mark.parametrize("kind, m, s", [("logit_normal", 0.0, 1.0), ("logit_normal", 0.5, 1.0),
-                                         ("logit_normal", -1.0, 0.6), ("uniform", None, None)])
-def test_training_timesteps_follow_their_distribution(kind, m, s):
+@pytest.mark.parametrize("kind, m, s, p", [("logit_normal", 0.0, 1.0, 0), ("logit_normal", 0.5, 1.0, 0),
+                                            ("logit_normal", -1.0, 0.6, 0), ("uniform", None, None, 0),
+                                            ("logit_normal", -0.5, 1.0, 0.1), ("logit_normal", 2.0, 0.5, 0.3)])
+def test_training_timesteps_follow_their_distribution(kind, m, s, p):
     """DDPM Algorithm 1: t ~ U{0..T-1}, so P(t < k) = k / T. SD3 Sec. 3.1: t / T = sigmoid(u), u ~ N(m, s^2), so
-    P(t < k) = Phi((logit(k / T) - m) / s). Both drawn from the step's generator alone."""
+    P(t < k) = Phi((logit(k / T) - m) / s); with uniform_mix p the mixture (1 - p) Phi(...) + p k / T. All drawn
+    from the step's generator alone."""
     T, n = 1000, 200_000
-    tc = diffusion.DiffusionTrain(timesteps=kind, **({} if m is None else dict(logit_mean=m, logit_std=s)))
+    tc = diffusion.DiffusionTrain(timesteps=kind, **({} if m is None else dict(logit_mean=m, logit_std=s,
+                                                                                uniform_mix=p)))
     t = diffusion.sample_timesteps(tc, T, n, torch.Generator().manual_seed(0), "cpu")
     assert t.dtype == torch.long and 0 <= t.min() and t.max() <= T - 1
     k = torch.arange(1, T, dtype=torch.float64)
@@ -135,6 +138,7 @@ def test_training_timesteps_follow_their_distribution(kind, m, s):
         expected = k / T
     else:
         expected = torch.distributions.Normal(0.0, 1.0).cdf((torch.logit(k / T) - m) / s)  # P(t < k)
+        expected = (1 - p) * expected + p * k / T
     empirical = torch.bincount(t, minlength=T).cumsum(0)[:-1].double() / n  # P(t <= k - 1)
     assert (empirical - expected).abs().max() < 0.005  # Kolmogorov-Smirnov distance; 1.36 / sqrt(n) = 0.003
     state = torch.get_rng_state()
@@ -171,6 +175,8 @@ def test_bad_training_input(tmp_path, capsys, trained):
     assert "checkpoint not found" in err
     err = cli_error(diffusion.main, TINY + ["train.timesteps=lognormal"], capsys)
     assert "train.timesteps must be uniform or logit_normal" in err
+    err = cli_error(diffusion.main, TINY + ["train.timesteps=logit_normal", "train.uniform_mix=1.5"], capsys)
+    assert "train.uniform_mix is the fraction of uniform timesteps, in [0, 1]; got 1.5" in err
 
 
 def test_bad_sampling_input(tmp_path, capsys, trained):

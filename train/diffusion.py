@@ -84,6 +84,8 @@ class DiffusionTrain(TrainConfig):
     timesteps: str = "uniform"    # uniform (DDPM Algorithm 1) | logit_normal (SD3 Sec. 3.1; see sample_timesteps)
     logit_mean: float = 0.0       # logit_normal: location m; m > 0 trains the noisier steps more
     logit_std: float = 1.0        # logit_normal: scale s
+    uniform_mix: float = 0.0      # logit_normal: this fraction of the steps drawn uniformly instead (a mixture that
+                                  # keeps the ends of the range trained; see sample_timesteps)
     sample_every: int = 1000      # steps between sample grids (0 = only at the end)
     sample_steps: int = 25        # DDIM steps for the training-time grids
     sample_prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow star")
@@ -151,6 +153,9 @@ def check_config(cfg):
     if cfg.train.timesteps not in ("uniform", "logit_normal") or cfg.train.logit_std <= 0:
         raise ValueError(f"train.timesteps must be uniform or logit_normal (with train.logit_std > 0), got "
                          f"'{cfg.train.timesteps}' (logit_std {cfg.train.logit_std})")
+    if not 0 <= cfg.train.uniform_mix <= 1:
+        raise ValueError(f"train.uniform_mix is the fraction of uniform timesteps, in [0, 1]; got "
+                         f"{cfg.train.uniform_mix}")
     if cfg.train.snr_gamma:  # fails here, not after the data is loaded
         NoiseSchedule(cfg.schedule).min_snr_weight(torch.zeros(1, dtype=torch.long), cfg.train.snr_gamma,
                                                    cfg.train.snr_plus_one)
@@ -182,11 +187,18 @@ def sample_timesteps(tc, num_timesteps, n, generator, device):
     "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3), arXiv 2403.03206, Sec. 3.1:
     u ~ N(m, s^2), t = floor(sigmoid(u) T), which puts the training steps in the middle of the noise range (m > 0
     shifts them to the noisy end, where the layout, and so the prompt's shape, is decided) and, unlike a loss
-    weight, spends the compute there instead of scaling the gradient down elsewhere."""
+    weight, spends the compute there instead of scaling the gradient down elsewhere.
+    The density is near 0 at both ends (m -0.5: t > 0.95 T in 0.03% of the draws); where the steps there matter (the
+    global layout, e.g. a picture's background colour, is decided at the noisiest steps), `uniform_mix` p draws each
+    step uniformly with probability p: the mixture (1 - p) logit-normal + p uniform, at least p / T per step."""
     if tc.timesteps == "uniform":
         return torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
     u = tc.logit_mean + tc.logit_std * torch.randn(n, generator=generator, device=device)  # (n,)
-    return (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)
+    t = (torch.sigmoid(u) * num_timesteps).long().clamp(max=num_timesteps - 1)  # (n,)
+    if tc.uniform_mix > 0:  # drawn only then: runs without the mixture keep their random stream
+        pick = torch.rand(n, generator=generator, device=device) < tc.uniform_mix  # (n,)
+        t = torch.where(pick, torch.randint(0, num_timesteps, (n,), generator=generator, device=device), t)
+    return t
 
 
 def check_latent_config(cfg, vae_cfg):
