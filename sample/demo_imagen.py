@@ -23,6 +23,8 @@ from dataclasses import fields
 import train.diffusion
 import train.text_lm
 from core.checkpoint import load_checkpoint
+from core.config import load_config
+from models.imagen import ImagenPipelineConfig
 from models.text_encoder import TextEncoderConfig
 from models.tokenizer import TokenizerConfig
 from sample.stages import CONFIGS, Stage
@@ -75,14 +77,18 @@ def parameter_counts(runs):
 
 
 def report(runs, classifier, num_images, model=None, demo=None, accuracy_n=4, judge_clip=None):
-    """Each SR stage on ground-truth low-resolution input (PSNR / SSIM against bicubic, consistency, colour error) and
+    """Each SR stage on ground-truth low-resolution input (PSNR / SSIM against bicubic, consistency, colour error),
+    sampled with pipeline_imagen.yaml's steps, guidance and augmentation level for that stage, and
     the U-Nets' parameter counts. (model, demo, accuracy_n, judge_clip: the contract's other arguments, unused here.)"""
     from metrics.super_resolution import evaluate, report_lines
 
     n = max(2, min(100, num_images))
+    cascade = load_config(ImagenPipelineConfig, str(CONFIGS / "pipeline_imagen.yaml"))  # each stage as it samples
     out = {"unet_parameters": parameter_counts(runs), "super_resolution": {}}
-    for key in ("sr1", "sr2"):
-        figures = evaluate(runs / NAMES[key] / "ckpt.pt", n=n, progress=False)
+    for i, key in enumerate(("sr1", "sr2"), start=1):
+        figures = evaluate(runs / NAMES[key] / "ckpt.pt", n=n, steps=int(cascade.steps[i]),
+                           guidance=float(cascade.guidance[i]), aug_level=float(cascade.aug_levels[i - 1]),
+                           progress=False)
         out["super_resolution"][key] = figures
         for line in report_lines(figures):
             print("  " + line)

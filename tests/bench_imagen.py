@@ -34,7 +34,8 @@ def unet_at(cfg, side):
     """The U-Net config of a stage built for output side `side`: the sizes that name feature maps scale with it."""
     k = side / cfg.image_size
     if k != int(k) and 1 / k != int(1 / k):
-        raise ValueError(f"side {side} is not a power-of-two multiple of the config's image_size {cfg.image_size}")
+        raise ValueError(f"side {side} is neither a multiple nor a divisor of the config's image_size {cfg.image_size}; "
+                         f"give sides such as {cfg.image_size * 4}")
     scale = lambda r: max(1, int(r * k))
     return replace(cfg, image_size=side, attention_resolutions=tuple(scale(r) for r in cfg.attention_resolutions),
                    self_attention_max_resolution=(scale(cfg.self_attention_max_resolution)
@@ -75,6 +76,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the networks' dtype, as `python -m sample --dtype` (bfloat16: AVX-512 BF16 / AMX CPUs, GPUs)")
     args = p.parse_args(argv)
+    if args.images < 1 or args.repeats < 1:
+        p.error(f"--images and --repeats must be at least 1, got {args.images} and {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = yaml.safe_load(open(args.pipeline or f"configs/shapes/pipeline_imagen{args.suffix}.yaml"))
