@@ -171,17 +171,13 @@ def train_ddp(stage, processes):
     one thread each (DDP over gloo, the global batch split between them), its output on this console. On these CPUs
     the latent U-Net's steps run 1.13x faster so than as one process on two threads, whose second thread adds only
     1.15-1.2x (docs/results.md). Its config is read here first, so that a bad key is one line before any process
-    starts; a failure in the processes is a ValueError of one line (Timer.run(children=True) counts their CPU time),
-    unless the stage's checkpoint is already at its last step (a rank aborted in gloo's teardown, after the work)."""
+    starts; a failure in the processes is a ValueError of one line (Timer.run(children=True) counts their CPU time)."""
     load_config(stage.config_cls, str(stage.config), stage.overrides)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", stage.module, *stage.argv]
     print(f"{processes} processes of one thread (torchrun, gloo): {' '.join(command[1:])}", flush=True)
     code = subprocess.run(command, env=child_env()).returncode
-    if code != 0 and stage.done():  # gloo can abort a rank at exit after the last checkpoint (core/runtime.py)
-        print(f"note: torchrun exited with code {code} after the {stage.name} stage had saved its last step; "
-              f"kept", flush=True)
-    elif code != 0:
+    if code != 0:
         raise ValueError(f"the {stage.name} stage failed under torchrun (exit code {code}; its output is above); "
                          f"run the demo with --sequential to train it in this process")
 

@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from core.checkpoint import load_checkpoint
+from core.runtime import run_cli
 from tests.test_dalle_pipeline import DALLE_TINY
 from tests.test_dvae import TINY as DVAE_TINY
 from train import dalle as train_dalle
@@ -30,7 +31,7 @@ def _train_on_rank(rank, script, argv, port):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    SCRIPTS[script].main(argv)
+    run_cli(lambda: SCRIPTS[script].main(argv))  # ends the process as torchrun's ranks end (os._exit)
 
 
 def torchrun(script, argv):

@@ -11,6 +11,7 @@ from PIL import Image
 import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.config import config_to_dict
+from core.runtime import run_cli
 from data.dataset import DataConfig, load_data
 from models.text2image import load_text2image, vae_fingerprint
 from models.vae import load_vae
@@ -69,6 +70,10 @@ def test_latent_training_target_is_the_scaled_posterior_sample(vaes):
 
 
 def _encode_on_rank(rank, vae_path, store, out):
+    run_cli(lambda: _encode(rank, vae_path, store, out))  # ends the process as torchrun's ranks end (os._exit)
+
+
+def _encode(rank, vae_path, store, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them; Ranks joins the group below

@@ -13,6 +13,7 @@ from PIL import Image
 
 import sample.__main__ as sample_cli
 from core.checkpoint import load_checkpoint
+import core.runtime as runtime
 from core.runtime import run_cli
 from models.pipeline import load_pipeline
 from train import diffusion
@@ -223,3 +224,24 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "DDP: the 2 replicas hold identical weights" in result.stdout
     assert load_checkpoint(tmp_path / "ddp" / "ckpt.pt", "diffusion")["step"] == 3
+
+
+def test_a_rank_leaves_with_os_exit_and_its_exit_code(monkeypatch, capsys):
+    """A process that joined torchrun's group ends through os._exit, past the interpreter's teardown (where gloo's
+    worker threads, still freeing the last collectives, abort it): with the code the command earned (0, or 2 for bad
+    input) and its output flushed first."""
+    codes = []
+    monkeypatch.setattr(runtime, "_joined_group", True)
+    monkeypatch.setattr(runtime.os, "_exit", codes.append)  # records instead of ending pytest
+    runtime.run_cli(lambda: print("trained"))
+
+    def bad_input():
+        raise ValueError("unknown config key 'train.stpes'")
+    with pytest.raises(SystemExit):
+        runtime.run_cli(bad_input)
+    assert codes == [0, 2]
+    out, err = capsys.readouterr()
+    assert out == "trained\n" and err == "error: unknown config key 'train.stpes'\n"
+    monkeypatch.setattr(runtime, "_joined_group", False)  # a process outside any group exits as Python does
+    runtime.run_cli(lambda: None)
+    assert codes == [0, 2]
