@@ -40,6 +40,7 @@ from core.config import load_config
 from core.runtime import get_device
 from models.dalle_pipeline import DallePipelineConfig, load_dalle_pipeline
 from models.imagen import ImagenPipelineConfig, load_imagen
+from models.samplers import SAMPLERS
 from models.stable_diffusion import load_stable_diffusion
 from models.text2image import load_text2image
 from models.unclip import UnCLIPPipelineConfig, load_unclip
@@ -175,7 +176,7 @@ def named_pipeline(args):
 def add_sampling_flags(p):
     """The flags that change a pipeline's settings (pipe.settings_with); the same for every command that samples."""
     p.add_argument("--preset", choices=PRESET_NAMES, help="sampling preset of the pipeline; flags override it")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="diffusion sampler (default: the checkpoint's)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the checkpoint's)")
     p.add_argument("--steps", type=int, help="number of sampling steps")
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = conditional only)")

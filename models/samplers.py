@@ -1,5 +1,5 @@
-"""Samplers for the discrete-time diffusion models of models/schedule.py: DDPM and DDIM, classifier-free guidance,
-static clipping and dynamic thresholding of the predicted x_0.
+"""Samplers for the discrete-time diffusion models of models/schedule.py: DDPM, DDIM and DPM-Solver++(2M),
+classifier-free guidance, static clipping and dynamic thresholding of the predicted x_0.
 
 Papers:
     Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv 2006.11239 (Algorithm 2; Eq. 6-7).
@@ -8,6 +8,8 @@ Papers:
     Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding" (Imagen),
         arXiv 2205.11487 (Sec. 2.3, dynamic thresholding).
     Lin et al. 2023, arXiv 2305.08891 (Table 2: the leading / linspace / trailing timestep spacings).
+    Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+        arXiv 2211.01095 (Algorithm 2, the multistep second-order solver of the data-prediction ODE).
 
 Samplers are plain functions, as in k-diffusion: a step maps (model_output at x_t, t) to x_prev, and `sample` runs
 the loop. A new sampler is one more `*_step` function and one more branch in `sample`.
@@ -46,6 +48,11 @@ Agreement with diffusers 0.42 (tests/test_samplers.py checks every statement her
     5. DDIM with eta = 1 from a zero-SNR step (abar_t = 0): 1 - abar_prev - sigma^2 is exactly 0 but can round to
        -1 ulp in float32 (whether it does depends on abar_prev, and so on how the machine computed the schedule);
        we clamp it at 0, diffusers takes its square root and returns NaN there.
+    6. DPM-Solver++(2M) against DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2): the same
+       steps on the same timesteps. Its "linspace" and "leading" lists differ from DDIM's (n + 1 points with the
+       last dropped), so it is compared on ours, handed over as set_timesteps(timesteps=...); its "trailing" list is
+       ours. With zero terminal SNR it replaces abar_{T-1} = 0 by 2^-24; we keep 0 (the first step is then DDIM's
+       step from pure noise, lambda = -inf, which the formulas take exactly).
 """
 
 from dataclasses import dataclass
@@ -56,18 +63,19 @@ from tqdm import tqdm
 
 from models.schedule import NoiseSchedule, check_choice
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
 @dataclass
 class SamplerConfig:
-    sampler: str = "ddim"               # ddpm | ddim
+    sampler: str = "ddim"               # ddpm | ddim | dpmpp_2m (DPM-Solver++(2M), a second-order ODE solver)
     num_inference_steps: int = 50       # n: number of model evaluations; 1 <= n <= num_train_timesteps
     timestep_spacing: str = "leading"   # leading | trailing | linspace (diffusers' names; Lin et al. Table 2)
     steps_offset: int = 0               # added to each "leading" timestep (Stable Diffusion v1: 1); others ignore it
     eta: float = 0.0                    # DDIM only: sigma = eta sqrt(beta_tilde) (Eq. 16); 0 deterministic, 1 = DDPM
+                                        # (DPM-Solver++(2M) is the deterministic ODE solver: it has no eta)
     variance_type: str = "fixed_small"  # DDPM only: fixed_small (posterior beta_tilde) | fixed_large (beta_t)
     guidance_scale: float = 1.0         # classifier-free guidance s, applied by the caller's denoiser (see `guidance`)
     clip_sample: bool = False           # static clipping of x0_hat to [-clip_sample_range, clip_sample_range]
@@ -220,6 +228,45 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_
     return x_prev
 
 
+def log_snr_half(abar: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) = log(sqrt(abar) / sqrt(1 - abar)), DPM-Solver's time variable (half the log-SNR):
+    -inf at abar = 0 (pure noise), +inf at abar = 1 (the data)."""
+    return torch.log(abar.sqrt()) - torch.log((1 - abar).sqrt())
+
+
+def dpmpp_2m_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, prev_t: int, x_t: torch.Tensor,
+                  cfg: SamplerConfig, last: tuple | None = None) -> tuple:
+    """One step of DPM-Solver++(2M) x_t -> x_prev (Lu et al. 2022, Algorithm 2, "midpoint" form), deterministic.
+
+    The probability-flow ODE written for the data prediction x0_hat and in lambda = log(alpha / sigma) has the exact
+    solution x_prev = (sigma_prev / sigma_t) x_t + alpha_prev int_{lambda_t}^{lambda_prev} e^{-(lambda_prev - l)}
+    x0_hat(l) dl. Holding x0_hat constant over the step gives the first-order update, which is DDIM (eta = 0):
+        x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (e^{-h} - 1) D,   h = lambda_prev - lambda_t,   D = x0_hat.
+    The second order takes x0_hat's slope in lambda from the previous step's prediction m1 (made at lambda_last,
+    h_last = lambda_t - lambda_last, r = h_last / h):   D = m0 + (m0 - m1) / (2 r)    with m0 = x0_hat at t.
+    The first step has no previous prediction, and the last one (to prev_t = -1, sigma = 0, h = inf) is taken first
+    order, where it returns x0_hat, as diffusers' final_sigmas_type="zero" does.
+
+    t, prev_t: ints; last: (x0_hat, t) of the previous step, None on the first. x_t, model_output: (B, C, H, W).
+    Returns (x_prev, (x0_hat, t)) -- the second item is the next step's `last`. The update runs in float32 (as
+    diffusers does; the solver's differences of predictions lose digits in bf16) and x_prev has x_t's dtype."""
+    t, prev_t = int(t), int(prev_t)
+    abar_t = schedule.alphas_cumprod[t].double()
+    abar_prev = schedule.alphas_cumprod[prev_t].double() if prev_t >= 0 else torch.ones_like(abar_t)
+    x0_hat, _ = schedule.predict_x0_and_eps(model_output, x_t, t)
+    x0_hat = clip_or_threshold_x0(x0_hat, cfg).float()
+    alpha_prev, sigma_prev, sigma_t = abar_prev.sqrt(), (1 - abar_prev).sqrt(), (1 - abar_t).sqrt()
+    lambda_t, lambda_prev = log_snr_half(abar_t), log_snr_half(abar_prev)
+    h = lambda_prev - lambda_t
+    D = x0_hat
+    if last is not None and prev_t >= 0:  # second order: the slope from the previous step's prediction
+        m1, t_last = last
+        r = (lambda_t - log_snr_half(schedule.alphas_cumprod[t_last].double())) / h  # h_last / h
+        D = x0_hat + (x0_hat - m1) / (2 * r).float()
+    x_prev = (sigma_prev / sigma_t).float() * x_t.float() - (alpha_prev * torch.expm1(-h)).float() * D
+    return x_prev.to(x_t.dtype), (x0_hat, t)
+
+
 @torch.no_grad()
 def sample(denoise, x_T: torch.Tensor, schedule: NoiseSchedule, cfg: SamplerConfig,
            generator: torch.Generator | None = None, progress: bool = True, desc: str | None = None) -> torch.Tensor:
@@ -236,6 +283,7 @@ def sample(denoise, x_T: torch.Tensor, schedule: NoiseSchedule, cfg: SamplerConf
         raise ValueError(f"prediction_type='epsilon' cannot give x0 at t={timesteps[0]}, where abar_t = 0 (zero "
                          f"terminal SNR): use prediction_type='v_prediction' (Lin et al. 2023) or leading spacing")
     x = x_T
+    last = None  # DPM-Solver++(2M): the previous step's x0_hat and t
     for i, t in enumerate(tqdm(timesteps, desc=desc or cfg.sampler, disable=not progress)):
         prev_t = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((B,), t, dtype=torch.long, device=x.device)  # (B,)
@@ -244,6 +292,8 @@ def sample(denoise, x_T: torch.Tensor, schedule: NoiseSchedule, cfg: SamplerConf
             x = ddpm_step(schedule, model_output, t, prev_t, x, cfg, generator)
         elif cfg.sampler == "ddim":
             x = ddim_step(schedule, model_output, t, prev_t, x, cfg, generator)
+        elif cfg.sampler == "dpmpp_2m":
+            x, last = dpmpp_2m_step(schedule, model_output, t, prev_t, x, cfg, last)
         else:
             check_choice("sampler", cfg.sampler, SAMPLERS)
     return x

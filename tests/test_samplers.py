@@ -15,7 +15,8 @@ import warnings
 import pytest
 import torch
 
-from models.samplers import SamplerConfig, ddim_step, ddpm_step, dynamic_threshold, guidance, make_timesteps, sample
+from models.samplers import (SamplerConfig, ddim_step, ddpm_step, dpmpp_2m_step, dynamic_threshold, guidance,
+                             make_timesteps, sample)
 from models.schedule import NoiseSchedule, ScheduleConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -215,7 +216,8 @@ def test_dynamic_threshold_properties_and_diffusers():
 
 SAMPLER_VARIANTS = [dict(sampler="ddpm", variance_type="fixed_small"),
                     dict(sampler="ddpm", variance_type="fixed_large"),
-                    dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=0.5), dict(sampler="ddim", eta=1.0)]
+                    dict(sampler="ddim", eta=0.0), dict(sampler="ddim", eta=0.5), dict(sampler="ddim", eta=1.0),
+                    dict(sampler="dpmpp_2m")]
 
 
 def oracle(s, x0):
@@ -445,6 +447,89 @@ def test_clipping_and_thresholding_loops_equal_diffusers(sampler, mode):
         d = diffusers_ddim("linear", False, "sample", "leading", 10, **options)
         theirs = diffusers_loop(d, model, x_T, gen(1), ddim_eta=0.5)
     torch.testing.assert_close(ours, theirs, **TOL)
+
+
+# --- DPM-Solver++(2M) ------------------------------------------------------------------------------------------------
+
+def diffusers_dpmpp_2m_loop(beta_schedule, prediction_type, spacing, n, denoise, x, **kw):
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint, final sigma 0) run on OUR timestep list
+    (difference 6: its own linspace / leading lists differ; its trailing list is ours)."""
+    d = reference().DPMSolverMultistepScheduler(beta_schedule=DIFFUSERS_NAME[beta_schedule], algorithm_type="dpmsolver++",
+                                                solver_order=2, solver_type="midpoint", prediction_type=prediction_type,
+                                                final_sigmas_type="zero", **betas_kw(beta_schedule), **kw)
+    d.set_timesteps(timesteps=make_timesteps(T, n, spacing).tolist())
+    for t in d.timesteps.tolist():
+        x = d.step(denoise(x, torch.full((x.shape[0],), t)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("beta_schedule, prediction_type, spacing",
+                         list(itertools.product(DDIM_SCHEDULES, PREDICTIONS, SPACINGS)))
+def test_dpmpp_2m_loop_equals_diffusers(beta_schedule, prediction_type, spacing):
+    s = schedule(beta_schedule, False, prediction_type)
+    x_T = torch.randn(SHAPE, generator=gen(0))
+    for n in (1, 2, 10, 13, 20):
+        cfg = SamplerConfig(sampler="dpmpp_2m", num_inference_steps=n, timestep_spacing=spacing)
+        ours = sample(pseudo_model(), x_T, s, cfg, progress=False)
+        theirs = diffusers_dpmpp_2m_loop(beta_schedule, prediction_type, spacing, n, pseudo_model(), x_T)
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_dpmpp_2m_trailing_timesteps_are_diffusers_own_and_thresholding_equals_diffusers():
+    """With "trailing" diffusers' own list is ours; with dynamic thresholding of x0_hat the loops still agree."""
+    d = reference().DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    d.set_timesteps(20)
+    assert d.timesteps.tolist() == make_timesteps(T, 20, "trailing").tolist()
+    s = schedule("linear", False, "sample")
+    x_T = torch.randn(SHAPE, generator=gen(0))
+    options = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.8)
+    model = pseudo_model(scale=3.0)  # x0 predictions up to 3, so the thresholding is active
+    ours = sample(model, x_T, s, SamplerConfig(sampler="dpmpp_2m", num_inference_steps=10, **options), progress=False)
+    plain = sample(model, x_T, s, SamplerConfig(sampler="dpmpp_2m", num_inference_steps=10), progress=False)
+    assert (ours - plain).abs().max() > 0.1
+    theirs = diffusers_dpmpp_2m_loop("linear", "sample", "leading", 10, model, x_T, **options)
+    torch.testing.assert_close(ours, theirs, **TOL)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_dpmpp_first_order_step_is_ddim(prediction_type):
+    """Holding x0_hat constant over the step (the first step, with no previous prediction) is DDIM with eta = 0."""
+    s = schedule("cosine", False, prediction_type)
+    x = torch.randn(SHAPE, generator=gen(0))
+    out = pseudo_model()(x, torch.full((SHAPE[0],), 700))
+    for prev_t in (500, 0, -1):
+        ours, _ = dpmpp_2m_step(s, out, 700, prev_t, x, SamplerConfig(sampler="dpmpp_2m"), last=None)
+        ddim = ddim_step(s, out, 700, prev_t, x, SamplerConfig(sampler="ddim"))
+        torch.testing.assert_close(ours, ddim, rtol=1e-5, atol=1e-5)
+
+
+def test_dpmpp_2m_converges_at_second_order_where_ddim_is_first_order():
+    """The solvers integrate the same probability-flow ODE. Against its solution (the 2M at T steps, float64),
+    doubling the steps divides DDIM's error by ~2 (first order) and the 2M's by ~4 (second order), so that the 2M
+    at 10 steps is closer than DDIM at 40 (Lu et al. 2022, Sec. 4)."""
+    s = schedule64("cosine", "v_prediction")
+    x_T = torch.randn(SHAPE, generator=gen(1), dtype=torch.float64)
+    model = pseudo_model(scale=0.5)
+    run = lambda sampler, n: sample(model, x_T, s, SamplerConfig(sampler=sampler, num_inference_steps=n,
+                                                                  timestep_spacing="trailing"), progress=False)
+    exact = run("dpmpp_2m", T)
+    err = {(sampler, n): float((run(sampler, n) - exact).abs().max()) for sampler in ("ddim", "dpmpp_2m")
+           for n in (10, 20, 40)}
+    assert 1.8 < err["ddim", 20] / err["ddim", 40] < 2.2
+    assert err["dpmpp_2m", 20] / err["dpmpp_2m", 40] > 3.5
+    assert err["dpmpp_2m", 10] < err["ddim", 40]
+
+
+def test_dpmpp_2m_from_zero_terminal_snr_is_finite():
+    """Difference 6: abar_{T-1} = 0 kept (lambda = -inf); the first step is DDIM's from pure noise, then the 2M."""
+    s = schedule("linear", True, "v_prediction")
+    x_T = torch.randn(SHAPE, generator=gen(0))
+    cfg = SamplerConfig(sampler="dpmpp_2m", num_inference_steps=10, timestep_spacing="trailing")
+    out = sample(pseudo_model(), x_T, s, cfg, progress=False)
+    assert torch.isfinite(out).all()
+    first, last = dpmpp_2m_step(s, pseudo_model()(x_T, torch.full((SHAPE[0],), T - 1)), T - 1, 899, x_T, cfg)
+    ddim = ddim_step(s, pseudo_model()(x_T, torch.full((SHAPE[0],), T - 1)), T - 1, 899, x_T, SamplerConfig())
+    torch.testing.assert_close(first, ddim, rtol=1e-5, atol=1e-5)
 
 
 # --- the deliberate differences, shown explicitly -------------------------------------------------------------------
