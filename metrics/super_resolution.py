@@ -28,7 +28,7 @@ from core.runtime import get_device, run_cli
 from data.crops import CropSource
 from data.dataset import DataConfig
 from models.imagen import downsample, load_stage, super_resolve
-from models.samplers import SAMPLERS
+from models.samplers import SAMPLERS, TIMESTEP_SPACINGS
 
 
 def gaussian_window(size=11, sigma=1.5):
@@ -70,7 +70,7 @@ def scores(sr, truth, low, low_res):
 
 @torch.no_grad()
 def evaluate(ckpt, n=200, steps=25, guidance=1.0, aug_level=0.0, base=None, features=None, batch_size=50, seed=7,
-             device="cpu", progress=True, base_guidance=2.0, sampler=None):
+             device="cpu", progress=True, base_guidance=2.0, sampler=None, spacing=None):
     """The figures of the module docstring, as a dict {"sr": {...}, "bicubic": {...}, ("fid_compounding")}."""
     stage = load_stage(ckpt, device)
     if stage.low_res == 0:
@@ -78,7 +78,7 @@ def evaluate(ckpt, n=200, steps=25, guidance=1.0, aug_level=0.0, base=None, feat
     data = dict(stage.pipe.data)
     R, r = stage.resolution, stage.low_res
     source = CropSource(DataConfig(**{**data, "num_images": n, "seed": seed}))
-    settings = stage.pipe.settings_with(steps=steps, guidance=guidance, sampler=sampler)
+    settings = stage.pipe.settings_with(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing)
     g = torch.Generator(device).manual_seed(0)
     truth, srs, bases_sr = [], [], []
     base_stage = load_stage(base, device) if base else None
@@ -100,7 +100,8 @@ def evaluate(ckpt, n=200, steps=25, guidance=1.0, aug_level=0.0, base=None, feat
     low = downsample(truth, r)
     bicubic = F.interpolate(low, size=(R, R), mode="bicubic", align_corners=False).clamp(-1, 1)
     out = {"stage": str(ckpt), "resolution": R, "low_res": r, "n": n, "aug_level": aug_level, "steps": steps,
-           "sampler": settings.sampler, "guidance": guidance, "sr": scores(srs, truth, low, r), "bicubic": scores(bicubic, truth, low, r)}
+           "sampler": settings.sampler, "spacing": settings.timestep_spacing,
+           "guidance": guidance, "sr": scores(srs, truth, low, r), "bicubic": scores(bicubic, truth, low, r)}
     if base_stage is not None:
         from metrics.features import extract, image_batches, load_feature_net
         from metrics.frechet import frechet_distance, stats_of
@@ -121,7 +122,8 @@ def to_uint8_tensor(x):
 def report_lines(out):
     sr, bi = out["sr"], out["bicubic"]
     lines = [f"{out['stage']}: {out['low_res']} -> {out['resolution']} px, {out['n']} held-in renders, "
-             f"aug level {out['aug_level']}, {out['sampler']} {out['steps']} steps, guidance {out['guidance']}",
+             f"aug level {out['aug_level']}, {out['sampler']} {out['steps']} steps ({out['spacing']}), "
+             f"guidance {out['guidance']}",
              f"  PSNR   SR {sr['psnr_db']:.2f} dB | bicubic {bi['psnr_db']:.2f} dB",
              f"  SSIM   SR {sr['ssim']:.4f} | bicubic {bi['ssim']:.4f}",
              f"  consistency RMSE ||down(SR) - LR||  SR {sr['consistency_rmse']:.4f} | bicubic {bi['consistency_rmse']:.4f}",
@@ -139,6 +141,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--sampler", choices=SAMPLERS, help="diffusion sampler (default: the stage's own)")
+    p.add_argument("--spacing", choices=TIMESTEP_SPACINGS, help="timestep spacing (default: the stage's own)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="the stage's guidance scale (1 = unguided, as configs/shapes/pipeline_imagen.yaml samples it)")
     p.add_argument("--base-guidance", type=float, default=2.0, help="with --base: the base's guidance scale")
@@ -148,7 +151,8 @@ def main(argv=None):
     if args.n < 2 or args.steps < 1:
         raise ValueError("--n must be at least 2 and --steps at least 1")
     out = evaluate(args.ckpt, args.n, args.steps, args.guidance, args.aug_level, args.base, args.features,
-                   device=get_device(args.device), base_guidance=args.base_guidance, sampler=args.sampler)
+                   device=get_device(args.device), base_guidance=args.base_guidance, sampler=args.sampler,
+                   spacing=args.spacing)
     print("\n".join(report_lines(out)))
     return out
 
