@@ -252,7 +252,7 @@ def dpmpp_2m_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, p
     diffusers does; the solver's differences of predictions lose digits in bf16) and x_prev has x_t's dtype."""
     t, prev_t = int(t), int(prev_t)
     abar_t = schedule.alphas_cumprod[t].double()
-    abar_prev = schedule.alphas_cumprod[prev_t].double() if prev_t >= 0 else torch.ones_like(abar_t)
+    abar_prev = schedule.abar_prev(prev_t).double()  # 1 past t = 0
     x0_hat, _ = schedule.predict_x0_and_eps(model_output, x_t, t)
     x0_hat = clip_or_threshold_x0(x0_hat, cfg).float()
     alpha_prev, sigma_prev, sigma_t = abar_prev.sqrt(), (1 - abar_prev).sqrt(), (1 - abar_t).sqrt()

@@ -527,7 +527,7 @@ def test_dpmpp_2m_from_zero_terminal_snr_is_finite():
     cfg = SamplerConfig(sampler="dpmpp_2m", num_inference_steps=10, timestep_spacing="trailing")
     out = sample(pseudo_model(), x_T, s, cfg, progress=False)
     assert torch.isfinite(out).all()
-    first, last = dpmpp_2m_step(s, pseudo_model()(x_T, torch.full((SHAPE[0],), T - 1)), T - 1, 899, x_T, cfg)
+    first, _ = dpmpp_2m_step(s, pseudo_model()(x_T, torch.full((SHAPE[0],), T - 1)), T - 1, 899, x_T, cfg)
     ddim = ddim_step(s, pseudo_model()(x_T, torch.full((SHAPE[0],), T - 1)), T - 1, 899, x_T, SamplerConfig())
     torch.testing.assert_close(first, ddim, rtol=1e-5, atol=1e-5)
 
