@@ -104,6 +104,9 @@ class SamplerConfig:
             raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0 (0 = DDIM, 1 = DDPM-like), got {self.eta}")
+        if self.eta != 0 and self.sampler != "ddim":
+            raise ValueError(f"eta is DDIM's (Eq. 16); the {self.sampler} sampler has none, so eta {self.eta} would be "
+                             f"ignored: drop --eta (sampler.eta) or use --sampler ddim")
         if not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
         if not 0 < self.dynamic_thresholding_ratio <= 1:

@@ -435,9 +435,10 @@ def test_clipping_and_thresholding_loops_equal_diffusers(sampler, mode):
     options = dict(clip_sample=True, clip_sample_range=1.5) if mode == "clip_sample" else dict(
         thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.8)
     model = pseudo_model(scale=3.0)  # x0 predictions up to 3, so the clipping is active
-    cfg = SamplerConfig(sampler=sampler, num_inference_steps=10, eta=0.5, **options)
+    eta = 0.5 if sampler == "ddim" else 0.0  # DDPM has no eta
+    cfg = SamplerConfig(sampler=sampler, num_inference_steps=10, eta=eta, **options)
     ours = sample(model, x_T, s, cfg, generator=gen(1), progress=False)
-    unclipped = sample(model, x_T, s, SamplerConfig(sampler=sampler, num_inference_steps=10, eta=0.5), gen(1),
+    unclipped = sample(model, x_T, s, SamplerConfig(sampler=sampler, num_inference_steps=10, eta=eta), gen(1),
                        progress=False)
     assert (ours - unclipped).abs().max() > 0.1
     if sampler == "ddpm":
@@ -744,6 +745,8 @@ def test_samplers_run_on_vectors(variant):
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(steps_offset=-1), "steps_offset"),
     (dict(eta=-0.5), "eta"),
+    (dict(sampler="ddpm", eta=0.5), "the ddpm sampler has none"),
+    (dict(sampler="dpmpp_2m", eta=1.0), "drop --eta"),
     (dict(clip_sample_range=0.0), "clip_sample_range"),
     (dict(dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
     (dict(sample_max_value=0.5), "sample_max_value"),
