@@ -416,7 +416,7 @@ def test_long_loops_equal_diffusers(sampler, n, spacing, steps_offset, set_alpha
     s = schedule("scaled_linear", False, "epsilon")
     x_T = torch.randn(SHAPE, generator=gen(0))
     cfg = SamplerConfig(sampler=sampler, num_inference_steps=n, timestep_spacing=spacing, steps_offset=steps_offset,
-                        eta=0.3, set_alpha_to_one=set_alpha_to_one)
+                        eta=0.3 if sampler == "ddim" else 0.0, set_alpha_to_one=set_alpha_to_one)
     ours = sample(pseudo_model(), x_T, s, cfg, generator=gen(1), progress=False)
     if sampler == "ddpm":
         d = diffusers_ddpm("scaled_linear", False, "epsilon", "fixed_small", spacing, n, steps_offset)
