@@ -88,7 +88,7 @@ class SamplerConfig:
 
     def __str__(self):
         """One line for logs: 'ddim, 50 steps, guidance 3.0' and what differs from the usual."""
-        extra = [f"eta {self.eta}"] * (self.sampler == "ddim" and self.eta != 0) + \
+        extra = [f"eta {self.eta}"] * (self.eta != 0) + \
                 [f"{self.timestep_spacing} spacing"] * (self.timestep_spacing != "leading") + \
                 ["clipped x0"] * self.clip_sample + \
                 [f"dynamic thresholding p={self.dynamic_thresholding_ratio} max={self.sample_max_value}"] * self.thresholding
