@@ -137,6 +137,8 @@ class ImagenPipelineConfig:
     steps: tuple = (50, 25, 25)              # DDIM steps of base, sr1, sr2
     guidance: tuple = (3.0, 3.0, 3.0)        # classifier-free guidance scale of each stage
     aug_levels: tuple = (0.0, 0.0)           # noise-conditioning augmentation level of sr1's and sr2's input, in [0, 1]
+    spacing: tuple = ("", "", "")            # DDIM timestep spacing per stage: leading | trailing | linspace; '' = the
+                                             # stage's own (its config's sampler.timestep_spacing)
     dynamic_threshold: bool = True           # Imagen Sec. 2.3: dynamic thresholding (p = 99.5%) in every stage but
                                              # a residual one (low_res_residual), whose samples are not images;
                                              # false: each stage's own sampler settings (its config's sampler.*)
@@ -191,6 +193,8 @@ class ImagenPipeline:
                 raise ValueError(f"{name} needs one value per stage, got {list(values)}")
         for a in cfg.aug_levels:
             aug_timestep(a, 1000)  # the range check
+        if len(cfg.spacing) < n:
+            raise ValueError(f"spacing needs one value per stage ('' = the stage's own), got {list(cfg.spacing)}")
         self.data = base.pipe.data
         self.settings = self._settings(cfg.steps, cfg.guidance, cfg.aug_levels, n)
         self.stage_images = []
@@ -199,7 +203,8 @@ class ImagenPipeline:
         stages = []
         for i, stage in enumerate(self.stages):
             s = replace(stage.pipe.settings, sampler="ddim", num_inference_steps=int(steps[i]),
-                        guidance_scale=float(guidance[i]))
+                        guidance_scale=float(guidance[i]),
+                        timestep_spacing=self.cfg.spacing[i] or stage.pipe.settings.timestep_spacing)
             if self.cfg.dynamic_threshold and not stage.residual:  # a residual is not an image: never thresholded
                 s = replace(s, clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995,
                             sample_max_value=math.inf)

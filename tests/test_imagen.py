@@ -186,6 +186,19 @@ def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tm
     own = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
                                                           dynamic_threshold=False)).settings
     assert own.stages[0].clip_sample and not own.stages[0].thresholding and not own.stages[1].thresholding
+    # spacing per stage: '' keeps the stage's own (leading here), a name replaces it; the --spacing flag sets every stage
+    assert [s.timestep_spacing for s in settings.stages] == ["leading", "leading"]
+    mixed = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
+                                                            spacing=("linspace", ""))).settings
+    assert [s.timestep_spacing for s in mixed.stages] == ["linspace", "leading"]
+    pipe = ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
+                                                           spacing=("linspace", "")))
+    assert [s.timestep_spacing for s in pipe.settings_with(spacing="trailing").stages] == ["trailing"] * 2
+    with pytest.raises(ValueError, match="spacing needs one value per stage"):
+        ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3), spacing=("",)))
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
+                                                        spacing=("lineal", "")))
 
 
 def test_presets_choose_stages_and_the_same_seed_gives_the_same_pixels(cascade):
