@@ -5,9 +5,12 @@ not step counts (issue 23).
 
 A family's config files state how many steps each of its stages trains (S_i). How long a step takes (r_i seconds)
 is measured here, on this machine, by short runs of the stage's own training script into a temporary folder, of
-k1 = 1 and k2 steps (k2 grown until the run takes 10 s, and the 1-step run's time, longer), so that
+k1 = 10 and k2 steps (k2 grown until the run takes 10 s, and the k1 run's time, longer), so that
 r_i = (t2 - t1) / (k2 - k1): what both runs pay besides the steps (rendering the data, encoding latents, building the
-model, the evaluation at the end) cancels, and its noise is small against the difference. Time on a quiet machine:
+model, the evaluation at the end) cancels, and its noise is small against the difference. k1 is 10, not 1, so that
+both runs pay the one-off costs of a stage's later phase too: the dVAE's decoder phase (train.decoder_share 0.5)
+starts by encoding the 20000 training images once (~25 s); with k1 = 1 only the k2 run had a decoder step, and that
+encoding was taken for one step's time (25.5 s a step: 7 of the dVAE's 4000 steps in a 3-minute budget). Time on a quiet machine:
 a second job on the two cores (oversubscribed threads) slows some runs several times and makes the plan wrong. A later stage's timing runs use an
 earlier stage's timing checkpoint where its overrides name that stage's checkpoint (the latent U-Net's VAE, the
 Imagen stages' text LM: `text_encoder=lm:<path>`). Then every stage is scaled by one
@@ -27,7 +30,8 @@ from pathlib import Path
 from core.config import load_config
 from sample.stages import checkpoint_reference
 
-MIN_DIFFERENCE = 10.0    # seconds the longer timing run must take beyond the 1-step one (--smoke: not asked)
+MIN_DIFFERENCE = 10.0    # seconds the longer timing run must take beyond the first one (--smoke: not asked)
+FIRST_TIMING_STEPS = 10  # the first timing run's steps: enough for every phase of a stage to start (--smoke: 1)
 MAX_TIMING_STEPS = 2000  # the longest timing run
 
 
@@ -38,8 +42,9 @@ def configured_steps(stage):
 
 
 def seconds_per_step(stage, folder, smoke=False, earlier=None):
-    """Wall seconds of one training step of `stage` here, from whole runs of its script into `folder`: k1 steps,
-    then k2 steps with k2 - k1 growing 4x until the k2 run takes max(MIN_DIFFERENCE, t1) seconds longer (so that the
+    """Wall seconds of one training step of `stage` here, from whole runs of its script into `folder`: k1 steps
+    (FIRST_TIMING_STEPS, so that a later phase's one-off costs are in both runs; 1 with smoke), then k2 steps with
+    k2 - k1 growing 4x until the k2 run takes max(MIN_DIFFERENCE, t1) seconds longer (so that the
     noise of what both runs pay besides the steps stays small against it); the difference of their times over the
     difference of their steps. earlier: {checkpoint path of an earlier stage: its timing checkpoint}, put in place of that path
     in the stage's overrides (the latent U-Net needs a VAE). Returns (seconds per step, the last run's checkpoint)."""
@@ -59,11 +64,12 @@ def seconds_per_step(stage, folder, smoke=False, earlier=None):
         stage.script.main(argv)
         return time.perf_counter() - t0, out / stage.ckpt.name
 
-    k1, k2 = 1, 2
+    k1 = 1 if smoke else FIRST_TIMING_STEPS
+    k2 = k1 + 1
     t1, _ = run(k1)
     t2, ckpt = run(k2)
     # the steps' share must outweigh the noise of what both runs pay besides them (rendering, encoding, evaluating:
-    # t1, nearly all of it), so the k2 run must take MIN_DIFFERENCE seconds and t1 longer than the 1-step run
+    # t1, nearly all of it), so the k2 run must take MIN_DIFFERENCE seconds and t1 longer than the k1 run
     while not smoke and t2 - t1 < max(MIN_DIFFERENCE, t1) and k2 < MAX_TIMING_STEPS:
         k2 = k1 + 4 * (k2 - k1)
         t2, ckpt = run(k2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.checkpoint import load_checkpoint
-from sample import budget, demo, demo_imagen, demo_ldm
+from sample import budget, demo, demo_dalle, demo_imagen, demo_ldm
 from tests.test_train_diffusion import cli_error
 
 
@@ -117,3 +117,23 @@ def test_a_step_is_timed_against_the_noise_of_what_every_run_pays(tmp_path, monk
     vae.script = Script
     rate, _ = budget.seconds_per_step(vae, tmp_path / "timing")
     assert rate == pytest.approx(0.1, rel=0.06)
+
+
+def test_a_later_phase_s_one_off_cost_is_not_taken_for_a_step(tmp_path, monkeypatch):
+    """The dVAE's last half of steps trains the decoder on codes computed once when that phase starts (~25 s of
+    encoding here). A fake script with that shape (30 s every run, 0.1 s a step, 25 s more when the run has a
+    decoder step, round(0.5 * steps) >= 1): timed from 1 step, only the longer run paid the encoding, and the plan
+    took 25 s for a step (7 of its 4000 steps in 3 minutes); timed from FIRST_TIMING_STEPS both runs pay it."""
+    clock = [0.0]
+
+    class Script:
+        @staticmethod
+        def main(argv):
+            steps = int(next(a for a in argv if a.startswith("train.steps=")).partition("=")[2])
+            clock[0] += 30.0 + 0.1 * steps + (25.0 if round(0.5 * steps) >= 1 else 0.0)
+
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    (dvae,) = [s for s in demo_dalle.stages(tmp_path, smoke=False) if s.name == "dVAE"]
+    dvae.script = Script
+    rate, _ = budget.seconds_per_step(dvae, tmp_path / "timing")
+    assert rate == pytest.approx(0.1, rel=1e-6)
