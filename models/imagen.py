@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from core.checkpoint import load_checkpoint
 from core.config import config_from_dict
 from models.conditioning import Conditioning, guided_prediction
-from models.samplers import SamplerConfig, sample
-from models.schedule import NoiseSchedule, ScheduleConfig
+from models.samplers import TIMESTEP_SPACINGS, SamplerConfig, sample
+from models.schedule import NoiseSchedule, ScheduleConfig, check_choice
 from models.text2image import Text2Image, load_text2image
 from models.unet import upsample
 
@@ -188,13 +188,13 @@ class ImagenPipeline:
                                  f"{prev.resolution} px; give a stage trained with low_res={prev.resolution}")
         n = len(stages)
         for name, values, want in (("steps", cfg.steps, 3), ("guidance", cfg.guidance, 3),
-                                   ("aug_levels", cfg.aug_levels, 2)):
+                                   ("aug_levels", cfg.aug_levels, 2), ("spacing", cfg.spacing, 3)):
             if len(values) < min(want, n - (name == "aug_levels")):
                 raise ValueError(f"{name} needs one value per stage, got {list(values)}")
         for a in cfg.aug_levels:
             aug_timestep(a, 1000)  # the range check
-        if len(cfg.spacing) < n:
-            raise ValueError(f"spacing needs one value per stage ('' = the stage's own), got {list(cfg.spacing)}")
+        for spacing in filter(None, cfg.spacing):  # '' = the stage's own
+            check_choice("spacing", spacing, TIMESTEP_SPACINGS)
         self.data = base.pipe.data
         self.settings = self._settings(cfg.steps, cfg.guidance, cfg.aug_levels, n)
         self.stage_images = []

@@ -10,8 +10,8 @@ r_i = (t2 - t1) / (k2 - k1): what both runs pay besides the steps (rendering the
 model, the evaluation at the end) cancels, and its noise is small against the difference. k1 is 10, not 1, so that
 both runs pay the one-off costs of a stage's later phase too: the dVAE's decoder phase (train.decoder_share 0.5)
 starts by encoding the 20000 training images once (~25 s); with k1 = 1 only the k2 run had a decoder step, and that
-encoding was taken for one step's time (25.5 s a step: 7 of the dVAE's 4000 steps in a 3-minute budget). Time on a quiet machine:
-a second job on the two cores (oversubscribed threads) slows some runs several times and makes the plan wrong. A later stage's timing runs use an
+encoding was taken for one step's time (25.5 s a step: 7 of the dVAE's 4000 steps in a 3-minute budget). Time on a
+quiet machine: a second job on the two cores (oversubscribed threads) slows some runs several times and makes the plan wrong. A later stage's timing runs use an
 earlier stage's timing checkpoint where its overrides name that stage's checkpoint (the latent U-Net's VAE, the
 Imagen stages' text LM: `text_encoder=lm:<path>`). Then every stage is scaled by one
 factor, so the budget is split across the stages in the proportions the configs state:

@@ -196,7 +196,7 @@ def test_a_residual_stage_adds_the_upsampled_input_to_the_residual_it_samples(tm
     assert [s.timestep_spacing for s in pipe.settings_with(spacing="trailing").stages] == ["trailing"] * 2
     with pytest.raises(ValueError, match="spacing needs one value per stage"):
         ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3), spacing=("",)))
-    with pytest.raises(ValueError, match="timestep_spacing"):
+    with pytest.raises(ValueError, match="unknown spacing 'lineal'; valid values: leading, trailing, linspace"):
         ImagenPipeline([base, sr], ImagenPipelineConfig(preset="", steps=(2, 2), guidance=(3, 3),
                                                         spacing=("lineal", "")))
 
@@ -248,6 +248,8 @@ def test_bad_cascades_are_one_line_errors(cascade, capsys):
     assert "takes 32 px inputs but the stage before it gives 16 px" in run(f"base: {base}\nsr1: {sr2}\nsr2: ''\n")
     assert "is a base model" in run(f"base: {base}\nsr1: {base}\nsr2: ''\n")
     assert "augmentation level must be in [0, 1]" in run(f"base: {base}\nsr1: {sr1}\nsr2: {sr2}\naug_levels: [1.5, 0]\n")
+    assert "unknown spacing 'lineal'" in run(f"base: {base}\nsr1: {sr1}\nsr2: {sr2}\nspacing: [lineal, '', '']\n")
+    assert "spacing needs one value per stage" in run(f"base: {base}\nsr1: {sr1}\nsr2: {sr2}\nspacing: [linspace]\n")
     long_prompt = " ".join(["red circle"] * 40)
     assert "token" in run(f"base: {base}\nsr1: {sr1}\nsr2: {sr2}\n", "--prompt", long_prompt)
     assert "super-resolution stage of a cascade" in cli_error(
